@@ -1,0 +1,401 @@
+"""Memory policies as data, and the one interpreter that runs all of them.
+
+A policy names its regions (with capacities and a fill rule), an index rule that gives every
+key frame and the query chunk a temporal RoPE index, an admission rule for anchors and the
+default prompt-switch rule. Self-Forcing, LongLive and Grounded Forcing are configurations of
+:class:`MemoryPolicy`; :class:`Memory` holds the frames, their raw (pre-RoPE) keys and values
+and their clean latents, and never knows which method it runs.
+
+Units: every count here is in latent frames; ``tokens_per_frame`` is h * w of the patch grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .rope import RopeTable, apply_rope
+from .wan import ChunkKV
+
+FILL_FIRST = "first"  # takes the first frames committed and is never evicted (sink, GCM)
+FILL_FIFO = "fifo"  # sliding window of the most recent frames (local window, LTM)
+
+INDEX_RULES = ("absolute", "pinned_end", "after_gcm")
+CANDIDATE_RULES = ("after_switch", "every_frame", "frozen")
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    frames: int
+    fill: str
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """A long-video memory policy, as data.
+
+    Attributes:
+        name: the preset name ("grounded", "longlive", "self_forcing").
+        regions: key regions in attention order.
+        index_rule: "absolute" (frame index), "pinned_end" / "after_gcm" (Dual-Reference RoPE).
+        rope_range: every temporal index stays below this (bounded rules only).
+        max_frames: the longest video the policy can make (None: unlimited).
+        anchor_region: the region the diversity-aware update may rewrite (None: no update).
+        candidates: which committed frames may replace an anchor ("after_switch", "every_frame", "frozen").
+        switch: the default prompt-switch rule ("apr", "hard", "none", "longlive").
+        alpha_max, proximity_window: APR parameters (Eq. 12); window None means the LTM size.
+        global_sink: LongLive's recache keeps the sink's old-prompt K/V.
+        recache_frames: LongLive's recache window (its ``local_attn_size``).
+    """
+
+    name: str
+    regions: tuple[Region, ...]
+    index_rule: str = "absolute"
+    rope_range: Optional[int] = None
+    max_frames: Optional[int] = None
+    anchor_region: Optional[str] = None
+    candidates: str = "frozen"
+    switch: str = "none"
+    alpha_max: float = 0.8
+    proximity_window: Optional[float] = None
+    global_sink: bool = True
+    recache_frames: int = 0
+
+    def region(self, name: str) -> Region:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def window(self) -> float:
+        """APR's D_window (defaults to the capacity of the sliding region)."""
+        if self.proximity_window is not None:
+            return self.proximity_window
+        return float(sum(r.frames for r in self.regions if r.fill == FILL_FIFO))
+
+    def validate(self, chunk_frames: int) -> None:
+        """Raise ValueError with one sentence if the configuration cannot run."""
+        for r in self.regions:
+            if r.frames < 1:
+                raise ValueError(f"memory region '{r.name}' of the '{self.name}' policy holds {r.frames} frames; it needs at least 1")
+        if self.index_rule not in INDEX_RULES:
+            raise ValueError(f"unknown RoPE index rule '{self.index_rule}'; use one of {', '.join(INDEX_RULES)}")
+        if self.candidates not in CANDIDATE_RULES:
+            raise ValueError(f"unknown GCM update rule '{self.candidates}'; use one of {', '.join(CANDIDATE_RULES)}")
+        if not 0.0 <= self.alpha_max <= 1.0:
+            raise ValueError(f"alpha_max {self.alpha_max} is outside [0, 1]; 0.8 is the paper's value")
+        if self.proximity_window is not None and self.proximity_window < 1:
+            raise ValueError(f"D_window {self.proximity_window} is below 1 frame; use the LTM size (6) or more")
+        if self.rope_range is not None:
+            need = sum(r.frames for r in self.regions) + chunk_frames
+            if self.index_rule != "absolute" and need > self.rope_range:
+                raise ValueError(
+                    f"{' + '.join(f'{r.name} {r.frames}' for r in self.regions)} + chunk {chunk_frames} = {need} frames "
+                    f"do not fit the RoPE range of {self.rope_range}; shrink the memory or raise the range"
+                )
+
+
+def self_forcing(cache_frames: int = 21, chunk_frames: int = 3) -> MemoryPolicy:
+    """Self-Forcing: every committed frame stays; the video ends when the cache is full."""
+    return MemoryPolicy(
+        name="self_forcing",
+        regions=(Region("context", cache_frames - chunk_frames, FILL_FIRST),),
+        max_frames=cache_frames,
+        switch="none",
+    )
+
+
+def longlive(sink_frames: int = 3, window_frames: int = 12, chunk_frames: int = 3, global_sink: bool = True) -> MemoryPolicy:
+    """LongLive 1.0: a sink (the first chunk) plus the newest frames, window counted with the chunk."""
+    return MemoryPolicy(
+        name="longlive",
+        regions=(
+            Region("sink", sink_frames, FILL_FIRST),
+            Region("local", window_frames - sink_frames - chunk_frames, FILL_FIFO),
+        ),
+        switch="longlive",
+        global_sink=global_sink,
+        recache_frames=window_frames,
+    )
+
+
+def grounded(
+    gcm_frames: int = 3,
+    ltm_frames: int = 6,
+    rope_range: int = 21,
+    layout: str = "pinned_end",
+    candidates: str = "after_switch",
+    alpha_max: float = 0.8,
+    proximity_window: Optional[float] = None,
+) -> MemoryPolicy:
+    """Grounded Forcing: Global Consistency Memory + Local Temporal Memory with DR-RoPE and APR."""
+    if layout not in ("pinned_end", "after_gcm"):
+        raise ValueError(f"unknown DR-RoPE layout '{layout}'; use 'pinned_end' or 'after_gcm'")
+    return MemoryPolicy(
+        name="grounded",
+        regions=(Region("gcm", gcm_frames, FILL_FIRST), Region("ltm", ltm_frames, FILL_FIFO)),
+        index_rule=layout,
+        rope_range=rope_range,
+        anchor_region="gcm",
+        candidates=candidates,
+        switch="apr",
+        alpha_max=alpha_max,
+        proximity_window=proximity_window,
+    )
+
+
+PRESETS = {"grounded": grounded, "longlive": longlive, "self_forcing": self_forcing}
+
+
+def preset(name: str, **kwargs) -> MemoryPolicy:
+    if name not in PRESETS:
+        raise ValueError(f"unknown memory policy '{name}'; use one of {', '.join(PRESETS)}")
+    return PRESETS[name](**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Frame:
+    """One cached latent frame: its absolute index, its storage slot and the segment that made it."""
+
+    index: int
+    slot: int
+    segment: int
+
+
+@dataclass
+class Plan:
+    """What one chunk attends to: key frames in order, their temporal indices and the query's."""
+
+    keys: list[tuple[str, Frame]]
+    key_index: list[int]
+    query_index: list[int]
+
+
+class FrameStore:
+    """Preallocated raw K/V of every slot and block, plus each slot's clean latent.
+
+    keys/values: [layers, B, slots, tokens_per_frame, heads, head_dim]; latents: [B, C, slots, H, W].
+    Allocated on the first write, so batch, dtype and device come from the run.
+    """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.latents: Optional[torch.Tensor] = None
+
+    def _allocate(self, kv: ChunkKV, latent: torch.Tensor, frames: int) -> None:
+        k = kv.keys[0]
+        b, length, heads, dim = k.shape
+        shape = (len(kv.keys), b, self.slots, length // frames, heads, dim)
+        self.keys = k.new_empty(shape)
+        self.values = k.new_empty(shape)
+        self.latents = latent.new_empty(latent.shape[0], latent.shape[1], self.slots, *latent.shape[3:])
+
+    def write(self, slot: int, kv: ChunkKV, frame: int, frames: int, latent: torch.Tensor) -> None:
+        """Store frame ``frame`` of a captured chunk ([B, frames*T, H, D] per block) in ``slot``."""
+        if self.keys is None:
+            self._allocate(kv, latent, frames)
+        t = self.keys.shape[3]
+        for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
+            self.keys[layer, :, slot] = k[:, frame * t:(frame + 1) * t]
+            self.values[layer, :, slot] = v[:, frame * t:(frame + 1) * t]
+        self.latents[:, :, slot] = latent[:, :, frame]
+
+    def copy(self, src: int, dst: int) -> None:
+        self.keys[:, :, dst] = self.keys[:, :, src]
+        self.values[:, :, dst] = self.values[:, :, src]
+        self.latents[:, :, dst] = self.latents[:, :, src]
+
+    def blend(self, slot: int, kv: ChunkKV, frame: int, frames: int, alpha: float) -> None:
+        """K' = (1 - alpha) K_old + alpha K_new, same for V (Eq. 11), in float32."""
+        t = self.keys.shape[3]
+        for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
+            for store, new in ((self.keys, k), (self.values, v)):
+                old = store[layer, :, slot]
+                mixed = torch.lerp(old.float(), new[:, frame * t:(frame + 1) * t].float(), alpha)
+                store[layer, :, slot] = mixed.to(old.dtype)
+
+
+class ContextSource:
+    """Rotated K/V of a plan's key frames, gathered from the store per block (wan.KeyValueSource)."""
+
+    def __init__(self, store: FrameStore, slots: list[int], freqs: Optional[torch.Tensor]):
+        self.store = store
+        self.freqs = freqs
+        self.slot_index = None
+        if slots:
+            self.slot_index = torch.tensor(slots, dtype=torch.long, device=store.keys.device)
+
+    def context(self, block: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if self.slot_index is None:
+            return None
+        k = self.store.keys[block].index_select(1, self.slot_index).flatten(1, 2)
+        v = self.store.values[block].index_select(1, self.slot_index).flatten(1, 2)
+        return apply_rope(k, self.freqs), v
+
+
+@dataclass
+class Memory:
+    """The state of one run under a policy: regions of frames over a :class:`FrameStore`."""
+
+    policy: MemoryPolicy
+    chunk_frames: int = 3
+    regions: dict[str, list[Frame]] = field(default_factory=dict)
+    sealed: set[str] = field(default_factory=set)
+    origin: int = 0  # absolute frame whose bounded index would be 0 (moves at a cut)
+    candidates_left: int = 0  # frames still eligible for the anchor update
+    history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.policy.validate(self.chunk_frames)
+        self.regions = {r.name: [] for r in self.policy.regions}
+        self._free: dict[str, list[int]] = {}
+        slot = 0
+        for r in self.policy.regions:
+            self._free[r.name] = list(range(slot, slot + r.frames))
+            slot += r.frames
+        self.store = FrameStore(slot)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def frames(self) -> list[tuple[str, Frame]]:
+        """Every cached frame in attention order (region by region, oldest first)."""
+        return [(r.name, f) for r in self.policy.regions for f in self.regions[r.name]]
+
+    def plan(self, start: int, frames: int) -> Plan:
+        """Temporal indices for a chunk of ``frames`` frames starting at absolute frame ``start``."""
+        keys = self.frames()
+        rule = self.policy.index_rule
+        if rule == "absolute":
+            return Plan(keys, [f.index for _, f in keys], list(range(start, start + frames)))
+        anchors = [(n, f) for n, f in keys if n == self.policy.anchor_region]
+        recent = [(n, f) for n, f in keys if n != self.policy.anchor_region]
+        count = len(recent) + frames
+        if rule == "pinned_end":
+            last = min(self.policy.rope_range - 1, start + frames - 1 - self.origin)
+            first = last - count + 1
+        else:  # after_gcm
+            first = 1 if anchors else 0
+        block = list(range(first, first + count))
+        return Plan(anchors + recent, [0] * len(anchors) + block[: len(recent)], block[len(recent):])
+
+    def source(self, plan: Plan, rope: RopeTable, rope_kind: str, grid_hw: tuple[int, int]) -> ContextSource:
+        if not plan.keys:
+            return ContextSource(self.store, [], None)
+        index = torch.tensor(plan.key_index, dtype=torch.long, device=self.store.keys.device)
+        freqs = rope.frequencies(index, grid_hw[0], grid_hw[1], rope_kind)
+        return ContextSource(self.store, [f.slot for _, f in plan.keys], freqs)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def commit(self, start: int, latents: torch.Tensor, kv: ChunkKV, segment: int) -> dict:
+        """Admit the clean frames of a finished chunk; returns the event parts (evictions, updates)."""
+        frames = latents.shape[2]
+        evicted: list[int] = []
+        updates: list[dict] = []
+        for i in range(frames):
+            index = start + i
+            if self.policy.recache_frames:
+                self.history.append((index, latents[:, :, i].clone()))
+                del self.history[: max(0, len(self.history) - self.policy.recache_frames)]
+            placed = self._place(index, i, frames, latents, kv, segment, evicted)
+            if not placed:
+                raise RuntimeError(
+                    f"frame {index} does not fit the '{self.policy.name}' memory "
+                    f"(at most {self.policy.max_frames} frames); make the video shorter or pick a windowed policy"
+                )
+            if self.policy.anchor_region and placed != self.policy.anchor_region:
+                update = self._anchor_update(index, i, frames, latents, kv, segment)
+                if update:
+                    updates.append(update)
+        return {"evicted": evicted, "gcm_updates": updates}
+
+    def _place(self, index: int, i: int, frames: int, latents, kv, segment: int, evicted: list[int]) -> str:
+        for r in self.policy.regions:
+            held = self.regions[r.name]
+            if r.fill == FILL_FIRST:
+                if r.name in self.sealed:
+                    continue
+                slot = self._free[r.name].pop(0)
+                held.append(Frame(index, slot, segment))
+                if not self._free[r.name]:
+                    self.sealed.add(r.name)
+            else:
+                if len(held) >= r.frames:
+                    old = held.pop(0)
+                    evicted.append(old.index)
+                    self._free[r.name].append(old.slot)
+                slot = self._free[r.name].pop(0)
+                held.append(Frame(index, slot, segment))
+            self.store.write(slot, kv, i, frames, latents)
+            return r.name
+        return ""
+
+    def _anchor_update(self, index: int, i: int, frames: int, latents, kv, segment: int) -> Optional[dict]:
+        """Diversity-aware GCM update (Eq. 6-8) for one newly committed frame."""
+        rule = self.policy.candidates
+        if rule == "frozen" or self.policy.anchor_region not in self.sealed:
+            return None
+        if rule == "after_switch":
+            if self.candidates_left <= 0:
+                return None
+            self.candidates_left -= 1
+        anchors = self.regions[self.policy.anchor_region]
+        if len(anchors) < 2:
+            return None
+        z = latents[:, :, i].float().flatten()
+        g = torch.stack([self.store.latents[:, :, f.slot].float().flatten() for f in anchors])
+        decision = diversity_decision(z, g)
+        if not decision["replace"]:
+            return {"frame": index, **decision, "replaced": None}
+        target = anchors[decision["target"]]
+        replaced = target.index
+        self.store.write(target.slot, kv, i, frames, latents)
+        anchors[decision["target"]] = Frame(index, target.slot, segment)
+        return {"frame": index, **decision, "replaced": replaced}
+
+    def begin_turnover(self) -> None:
+        """A prompt switch or cut: the next LTM-turnover worth of frames may become anchors."""
+        self.candidates_left = int(sum(r.frames for r in self.policy.regions if r.fill == FILL_FIFO))
+
+    def reset_recent(self, at_frame: int) -> list[int]:
+        """Shot cut: drop every sliding-window frame, keep anchors, restart indices after them."""
+        dropped = []
+        for r in self.policy.regions:
+            if r.fill == FILL_FIFO:
+                for f in self.regions[r.name]:
+                    dropped.append(f.index)
+                    self._free[r.name].append(f.slot)
+                self.regions[r.name] = []
+        anchors = sum(r.frames for r in self.policy.regions if r.fill == FILL_FIRST)
+        self.origin = at_frame - anchors
+        self.history.clear()
+        return dropped
+
+    def snapshot(self) -> dict[str, list[int]]:
+        return {name: [f.index for f in held] for name, held in self.regions.items()}
+
+
+def diversity_decision(z: torch.Tensor, anchors: torch.Tensor) -> dict:
+    """Eq. 6-8 on flattened latents: z [N], anchors [K, N] (K >= 2).
+
+    importance I(z) = 1 - max_j cos(z, g_j); redundancy R(g_i) = max_{j != i} cos(g_i, g_j);
+    the target is the most redundant anchor, replaced when I(z) > R(target).
+    """
+    zn = z / z.norm().clamp_min(1e-12)
+    gn = anchors / anchors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    importance = 1.0 - float((gn @ zn).max())
+    sim = gn @ gn.T
+    sim.fill_diagonal_(float("-inf"))
+    redundancy = sim.max(dim=1).values
+    target = int(redundancy.argmax())
+    r = float(redundancy[target])
+    return {"importance": importance, "redundancy": r, "target": target, "replace": importance > r}

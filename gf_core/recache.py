@@ -1,0 +1,130 @@
+"""What happens to the cache at a segment boundary: APR, hard recache, text-only, LongLive recache, cut.
+
+Every rule re-encodes cached frames through one ``encode`` call: a forward of clean latents at
+the cache-pass timestep under the new prompt that returns their raw K/V without running the
+head. ``encode(latents [B, C, N, H, W], query_index [N], context)`` -> ChunkKV, where
+``context`` is a :class:`~gf_core.memory.ContextSource` of frames that keep their K/V (or None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .memory import ContextSource, Memory, MemoryPolicy
+from .wan import ChunkKV
+
+Encode = Callable[[torch.Tensor, list[int], Optional[ContextSource]], ChunkKV]
+SourceFor = Callable[[list[int], list[int]], ContextSource]
+
+TRANSITIONS = ("default", "apr", "hard", "none", "cut")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """How a segment starts. ``default`` uses the policy's switch rule.
+
+    alpha_max / proximity_window override the policy's APR parameters for this switch only.
+    """
+
+    kind: str = "default"
+    alpha_max: Optional[float] = None
+    proximity_window: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRANSITIONS:
+            raise ValueError(f"unknown transition '{self.kind}'; use one of {', '.join(TRANSITIONS)}")
+        if self.alpha_max is not None and not 0.0 <= self.alpha_max <= 1.0:
+            raise ValueError(f"alpha_max {self.alpha_max} is outside [0, 1]; 0.8 is the paper's value")
+        if self.proximity_window is not None and self.proximity_window < 1:
+            raise ValueError(f"D_window {self.proximity_window} is below 1 frame; use the LTM size (6) or more")
+
+
+def proximity_alpha(distance: float, alpha_max: float, window: float) -> float:
+    """Eq. 12: alpha = clamp(min(alpha_max, 1 - d / D_window), 0, alpha_max)."""
+    return max(0.0, min(alpha_max, 1.0 - distance / window))
+
+
+def resolve(policy: MemoryPolicy, transition: Transition) -> str:
+    """The switch rule a transition means under ``policy``; raises for rules the policy cannot run."""
+    kind = policy.switch if transition.kind == "default" else transition.kind
+    if kind == "longlive" and policy.name != "longlive":
+        raise ValueError("the LongLive recache needs the 'longlive' memory policy; use 'apr', 'hard' or 'none' here")
+    return kind
+
+
+def apply_switch(memory: Memory, transition: Transition, switch_frame: int, encode: Encode, source_for: SourceFor) -> dict:
+    """Rewrite the cache for a prompt switch at absolute frame ``switch_frame``; returns the event."""
+    kind = resolve(memory.policy, transition)
+    event: dict = {"kind": kind, "frame": switch_frame}
+    if kind == "cut":
+        event["dropped"] = memory.reset_recent(switch_frame)
+    elif kind in ("apr", "hard"):
+        event["alpha"] = _proximity_recache(memory, transition, kind, switch_frame, encode)
+    elif kind == "longlive":
+        event.update(_longlive_recache(memory, switch_frame, encode, source_for))
+    memory.begin_turnover()
+    return event
+
+
+def _proximity_recache(memory: Memory, transition: Transition, kind: str, switch_frame: int, encode: Encode) -> dict:
+    """APR (Eq. 11-12): one forward of every cached frame under the new prompt, then per-frame blend."""
+    frames = memory.frames()
+    if not frames:
+        return {}
+    plan = memory.plan(switch_frame, memory.chunk_frames)
+    alpha_max = memory.policy.alpha_max if transition.alpha_max is None else transition.alpha_max
+    window = memory.policy.window if transition.proximity_window is None else transition.proximity_window
+    alphas = []
+    for _, f in frames:
+        alphas.append(1.0 if kind == "hard" else proximity_alpha(switch_frame - f.index, alpha_max, window))
+    report = {f"{name}:{f.index}": a for (name, f), a in zip(frames, alphas)}
+    if not any(alphas):
+        return report
+    latents = memory.store.latents[:, :, [f.slot for _, f in frames]]
+    kv = encode(latents, plan.key_index, None)
+    for j, ((_, f), a) in enumerate(zip(frames, alphas)):
+        if a > 0:
+            memory.store.blend(f.slot, kv, j, len(frames), a)
+    return report
+
+
+def _longlive_recache(memory: Memory, switch_frame: int, encode: Encode, source_for: SourceFor) -> dict:
+    """LongLive's KV-recache: re-run the last ``recache_frames`` clean latents under the new prompt.
+
+    The reference writes the recomputed K/V over its cache buffer; what ends up in the frames this
+    memory still holds is reproduced here. With ``global_sink`` and more frames made than the
+    window, the sink keeps its old-prompt K/V and the rest attends to it; otherwise every frame
+    of the window is re-encoded with attention among them, and without ``global_sink`` the oldest
+    frames of the window become the new sink.
+    """
+    policy = memory.policy
+    history = memory.history
+    n = min(policy.recache_frames, switch_frame)
+    window = history[len(history) - n:]
+    sink_name = policy.regions[0].name
+    sink = memory.regions[sink_name]
+    keep_sink = policy.global_sink and switch_frame - n > 0
+    if keep_sink:
+        queries = window[len(window) - (policy.recache_frames - len(sink)):]
+        context = source_for([f.slot for f in sink], [f.index for f in sink])
+    else:
+        queries = window
+        context = None
+    latents = torch.stack([lat for _, lat in queries], dim=2)
+    kv = encode(latents, [i for i, _ in queries], context)
+    position = {index: j for j, (index, _) in enumerate(queries)}
+    if not policy.global_sink and switch_frame - n > 0:
+        new_sink = [index for index, _ in queries[: len(sink)]]
+        for f, index in zip(sink, new_sink):
+            f.index = index
+    rewritten = []
+    for _, f in memory.frames():
+        j = position.get(f.index)
+        if j is None or (keep_sink and f in sink):
+            continue
+        memory.store.write(f.slot, kv, j, len(queries), latents)
+        rewritten.append(f.index)
+    return {"recached": rewritten, "sink": [f.index for f in sink]}

@@ -1,0 +1,355 @@
+"""The Wan2.1 text-to-video DiT and a causal chunk forward over any module tree with Wan names.
+
+Module names equal the checkpoint keys (``blocks.N.self_attn.q.weight`` ...), so a state dict of
+Wan, Self-Forcing, LongLive or ComfyUI loads as it is. :func:`forward_chunk` only calls the
+submodules (q, k, v, o, norms, ffn, modulation, head) and does attention and RoPE itself, so it
+also drives ComfyUI's ``WanModel``, whose layers cast their weights on the fly.
+
+Shapes: latents ``[B, C, F, H, W]`` (C = 16, H and W in latent pixels); tokens ``[B, L, dim]`` with
+``L = F * h * w`` where ``h = H / 2`` and ``w = W / 2`` for the (1, 2, 2) patch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import RopeTable, apply_rope
+
+HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Shapes of a Wan2.1 t2v DiT. Defaults are the 1.3B model."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def tiny(cls, layers: int = 2, text_dim: int = 64) -> "WanConfig":
+        """A small config for tests and the demo: dim 256, 2 heads of 128."""
+        return cls(dim=256, ffn_dim=512, num_heads=2, num_layers=layers, text_dim=text_dim)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "WanConfig":
+        """Read the config from tensor shapes of a Wan-keyed state dict."""
+        patch = sd["patch_embedding.weight"]
+        dim, in_dim = patch.shape[0], patch.shape[1]
+        layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        patch_size = tuple(patch.shape[2:])
+        head_rows = sd["head.head.weight"].shape[0]
+        return cls(
+            dim=dim,
+            ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0],
+            num_heads=dim // HEAD_DIM,
+            num_layers=layers,
+            freq_dim=sd["time_embedding.0.weight"].shape[1],
+            text_dim=sd["text_embedding.0.weight"].shape[1],
+            in_dim=in_dim,
+            out_dim=head_rows // math.prod(patch_size),
+            patch_size=patch_size,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_module(cls, model: nn.Module) -> "WanConfig":
+        """Read the config from the shapes of a module tree with Wan names (ours or ComfyUI's)."""
+        patch = model.patch_embedding.weight
+        dim = patch.shape[0]
+        patch_size = tuple(patch.shape[2:])
+        heads = getattr(model, "num_heads", dim // HEAD_DIM)
+        return cls(
+            dim=dim,
+            ffn_dim=model.blocks[0].ffn[0].weight.shape[0],
+            num_heads=heads,
+            num_layers=len(model.blocks),
+            freq_dim=model.time_embedding[0].weight.shape[1],
+            text_dim=model.text_embedding[0].weight.shape[1],
+            in_dim=patch.shape[1],
+            out_dim=model.head.head.weight.shape[0] // math.prod(patch_size),
+            patch_size=patch_size,  # type: ignore[arg-type]
+        )
+
+
+class RMSNorm(nn.Module):
+    """RMS norm as Wan computes it: normalise in float32, round, then scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """q, k, v, o projections with RMS norms on q and k (self- and cross-attention alike)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(cfg.dim, cfg.eps)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = Attention(cfg.dim, cfg.eps)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+
+class WanModel(nn.Module):
+    """Wan2.1 t2v DiT as plain modules; ``state_dict()`` keys are the Wan keys."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    @classmethod
+    def from_state_dict(
+        cls, sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> "WanModel":
+        """Build the model for ``sd``'s shapes and load it (strict)."""
+        cfg = WanConfig.from_state_dict(sd)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def random_state_dict(
+    cfg: WanConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Random weights in Wan layout with activations that stay O(1) through every block.
+
+    Used for tests, the demo and parity/speed runs (no real weights exist here). Linear layers
+    get N(0, 1/fan_in), norms get weights near 1, modulations N(0, 1/dim) as Wan initialises them.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanModel(cfg).state_dict().items()}
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("bias"):
+            t = torch.randn(shape, generator=g) * 0.02
+        elif "norm" in name:
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith("modulation"):
+            t = torch.randn(shape, generator=g) / cfg.dim**0.5
+        else:
+            fan_in = math.prod(shape[1:])
+            t = torch.randn(shape, generator=g) / fan_in**0.5
+        out[name] = t.to(device=device, dtype=dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The causal chunk forward
+
+
+class AttentionFn(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention over [B, L, H, D] tensors through PyTorch SDPA."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+@dataclass
+class TextContext:
+    """Cross-attention keys and values of one prompt, per block: [B, text_len, H, D] each."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class KeyValueSource(Protocol):
+    """What the memory gives attention: rotated context keys and values of one block."""
+
+    def context(self, block: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Rotated keys and values [B, N, H, D] of every context frame, or None."""
+        ...
+
+
+@dataclass
+class ChunkKV:
+    """Raw (pre-RoPE) keys and values of the frames a forward computed, per block: [B, L, H, D]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def sinusoid(freq_dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep sinusoid in float64: [N] -> [N, freq_dim] (cos first, then sin)."""
+    half = freq_dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    arg = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+def _param(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return p.to(dtype=like.dtype, device=like.device)
+
+
+def encode_text(model: nn.Module, embeds: torch.Tensor, text_len: int = 512) -> TextContext:
+    """Project prompt embeddings [B, L, text_dim] once into every block's cross-attention K/V.
+
+    Rows past ``text_len`` are dropped and shorter prompts are zero-padded, as the references do.
+    """
+    cfg = WanConfig.from_module(model)
+    b, length, _ = embeds.shape
+    if length >= text_len:
+        embeds = embeds[:, :text_len]
+    else:
+        embeds = torch.cat([embeds, embeds.new_zeros(b, text_len - length, embeds.shape[2])], dim=1)
+    ctx = model.text_embedding(embeds)
+    keys, values = [], []
+    for block in model.blocks:
+        attn = block.cross_attn
+        keys.append(attn.norm_k(attn.k(ctx)).view(b, -1, cfg.num_heads, cfg.head_dim))
+        values.append(attn.v(ctx).view(b, -1, cfg.num_heads, cfg.head_dim))
+    return TextContext(keys, values)
+
+
+def forward_chunk(
+    model: nn.Module,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    text: TextContext,
+    memory: Optional[KeyValueSource],
+    query_index: torch.Tensor,
+    rope: RopeTable,
+    rope_kind: str = "complex128",
+    attention: AttentionFn = sdpa_attention,
+    capture_kv: bool = False,
+    compute_output: bool = True,
+) -> tuple[Optional[torch.Tensor], Optional[ChunkKV]]:
+    """One causal forward of a chunk of latent frames.
+
+    Args:
+        x: latents [B, C, F, H, W] in the run dtype.
+        timestep: [B] diffusion timesteps (fractional; every frame of the chunk shares it).
+        text: the prompt's cross-attention K/V from :func:`encode_text`.
+        memory: rotated context K/V per block, attended to before the chunk itself.
+        query_index: [F] temporal RoPE index of each frame of the chunk.
+        capture_kv: return the chunk's raw keys and values of every block.
+        compute_output: run the head (a cache-writing pass can skip it).
+
+    Returns:
+        The velocity prediction [B, C, F, H, W] (or None) and the captured K/V (or None).
+    """
+    cfg = WanConfig.from_module(model)
+    b, _, frames, height, width = x.shape
+    pt, ph, pw = cfg.patch_size
+    heads, hd = cfg.num_heads, cfg.head_dim
+    grid = (frames // pt, height // ph, width // pw)
+    tokens_per_frame = grid[1] * grid[2]
+
+    h = model.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, dim]
+    t = timestep.reshape(b, 1).expand(b, grid[0]).reshape(-1)
+    e = model.time_embedding(sinusoid(cfg.freq_dim, t).type_as(h))  # [B*F, dim]
+    e0 = model.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, grid[0]))  # [B, F, 6, dim]
+
+    freqs = rope.frequencies(query_index.to(x.device), grid[1], grid[2], rope_kind)
+    captured_k: list[torch.Tensor] = []
+    captured_v: list[torch.Tensor] = []
+    last = len(model.blocks) - 1
+    for i, block in enumerate(model.blocks):
+        mod = (_param(block.modulation, h).unsqueeze(1) + e0).chunk(6, dim=2)  # each [B, F, 1, dim]
+        shift, scale, gate, c_shift, c_scale, c_gate = mod
+
+        y = (block.norm1(h).unflatten(1, (grid[0], tokens_per_frame)) * (1 + scale) + shift).flatten(1, 2)
+        sa = block.self_attn
+        q = sa.norm_q(sa.q(y)).view(b, -1, heads, hd)
+        k = sa.norm_k(sa.k(y)).view(b, -1, heads, hd)
+        v = sa.v(y).view(b, -1, heads, hd)
+        if capture_kv:
+            captured_k.append(k)
+            captured_v.append(v)
+        if not compute_output and i == last:
+            break
+        q_rot = apply_rope(q, freqs)
+        k_rot = apply_rope(k, freqs)
+        ctx = memory.context(i) if memory is not None else None
+        if ctx is not None:
+            k_all = torch.cat([ctx[0], k_rot], dim=1)
+            v_all = torch.cat([ctx[1], v], dim=1)
+        else:
+            k_all, v_all = k_rot, v
+        y = sa.o(attention(q_rot, k_all, v_all).flatten(2))
+        h = h + (y.unflatten(1, (grid[0], tokens_per_frame)) * gate).flatten(1, 2)
+
+        ca = block.cross_attn
+        qc = ca.norm_q(ca.q(block.norm3(h))).view(b, -1, heads, hd)
+        h = h + ca.o(attention(qc, text.keys[i], text.values[i]).flatten(2))
+
+        y = block.ffn((block.norm2(h).unflatten(1, (grid[0], tokens_per_frame)) * (1 + c_scale) + c_shift).flatten(1, 2))
+        h = h + (y.unflatten(1, (grid[0], tokens_per_frame)) * c_gate).flatten(1, 2)
+
+    kv = ChunkKV(captured_k, captured_v) if capture_kv else None
+    if not compute_output:
+        return None, kv
+
+    head = model.head
+    hmod = (_param(head.modulation, h).unsqueeze(1) + e.unflatten(0, (b, grid[0])).unsqueeze(2)).chunk(2, dim=2)
+    out = head.head(head.norm(h).unflatten(1, (grid[0], tokens_per_frame)) * (1 + hmod[1]) + hmod[0])
+    return unpatchify(out, grid, cfg.patch_size, cfg.out_dim), kv
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, ...], channels: int) -> torch.Tensor:
+    """[B, F, h*w, C*pt*ph*pw] tokens -> latents [B, C, F*pt, h*ph, w*pw]."""
+    b = x.shape[0]
+    x = x.reshape(b, *grid, *patch, channels)
+    x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+    return x.reshape(b, channels, *(g * p for g, p in zip(grid, patch)))
+
