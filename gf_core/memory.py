@@ -12,7 +12,6 @@ Units: every count here is in latent frames; ``tokens_per_frame`` is h * w of th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -54,13 +53,13 @@ class MemoryPolicy:
     name: str
     regions: tuple[Region, ...]
     index_rule: str = "absolute"
-    rope_range: Optional[int] = None
-    max_frames: Optional[int] = None
-    anchor_region: Optional[str] = None
+    rope_range: int | None = None
+    max_frames: int | None = None
+    anchor_region: str | None = None
     candidates: str = "frozen"
     switch: str = "none"
     alpha_max: float = 0.8
-    proximity_window: Optional[float] = None
+    proximity_window: float | None = None
     global_sink: bool = True
     recache_frames: int = 0
 
@@ -103,7 +102,7 @@ def self_forcing(cache_frames: int = 21, chunk_frames: int = 3) -> MemoryPolicy:
     """Self-Forcing: every committed frame stays; the video ends when the cache is full."""
     return MemoryPolicy(
         name="self_forcing",
-        regions=(Region("context", cache_frames - chunk_frames, FILL_FIRST),),
+        regions=(Region("context", cache_frames, FILL_FIRST),),
         max_frames=cache_frames,
         switch="none",
     )
@@ -130,7 +129,7 @@ def grounded(
     layout: str = "pinned_end",
     candidates: str = "after_switch",
     alpha_max: float = 0.8,
-    proximity_window: Optional[float] = None,
+    proximity_window: float | None = None,
 ) -> MemoryPolicy:
     """Grounded Forcing: Global Consistency Memory + Local Temporal Memory with DR-RoPE and APR."""
     if layout not in ("pinned_end", "after_gcm"):
@@ -151,9 +150,12 @@ def grounded(
 PRESETS = {"grounded": grounded, "longlive": longlive, "self_forcing": self_forcing}
 
 
-def preset(name: str, **kwargs) -> MemoryPolicy:
+def preset(name: str, chunk_frames: int = 3, **kwargs) -> MemoryPolicy:
+    """A policy by name; windowed presets are sized for ``chunk_frames``."""
     if name not in PRESETS:
         raise ValueError(f"unknown memory policy '{name}'; use one of {', '.join(PRESETS)}")
+    if name == "longlive":
+        kwargs["chunk_frames"] = chunk_frames
     return PRESETS[name](**kwargs)
 
 
@@ -187,9 +189,9 @@ class FrameStore:
 
     def __init__(self, slots: int):
         self.slots = slots
-        self.keys: Optional[torch.Tensor] = None
-        self.values: Optional[torch.Tensor] = None
-        self.latents: Optional[torch.Tensor] = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.latents: torch.Tensor | None = None
 
     def _allocate(self, kv: ChunkKV, latent: torch.Tensor, frames: int) -> None:
         k = kv.keys[0]
@@ -227,14 +229,14 @@ class FrameStore:
 class ContextSource:
     """Rotated K/V of a plan's key frames, gathered from the store per block (wan.KeyValueSource)."""
 
-    def __init__(self, store: FrameStore, slots: list[int], freqs: Optional[torch.Tensor]):
+    def __init__(self, store: FrameStore, slots: list[int], freqs: torch.Tensor | None):
         self.store = store
         self.freqs = freqs
         self.slot_index = None
         if slots:
             self.slot_index = torch.tensor(slots, dtype=torch.long, device=store.keys.device)
 
-    def context(self, block: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def context(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.slot_index is None:
             return None
         k = self.store.keys[block].index_select(1, self.slot_index).flatten(1, 2)
@@ -339,7 +341,7 @@ class Memory:
             return r.name
         return ""
 
-    def _anchor_update(self, index: int, i: int, frames: int, latents, kv, segment: int) -> Optional[dict]:
+    def _anchor_update(self, index: int, i: int, frames: int, latents, kv, segment: int) -> dict | None:
         """Diversity-aware GCM update (Eq. 6-8) for one newly committed frame."""
         rule = self.policy.candidates
         if rule == "frozen" or self.policy.anchor_region not in self.sealed:

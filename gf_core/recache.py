@@ -8,15 +8,15 @@ head. ``encode(latents [B, C, N, H, W], query_index [N], context)`` -> ChunkKV, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
 from .memory import ContextSource, Memory, MemoryPolicy
 from .wan import ChunkKV
 
-Encode = Callable[[torch.Tensor, list[int], Optional[ContextSource]], ChunkKV]
+Encode = Callable[[torch.Tensor, list[int], ContextSource | None], ChunkKV]
 SourceFor = Callable[[list[int], list[int]], ContextSource]
 
 TRANSITIONS = ("default", "apr", "hard", "none", "cut")
@@ -30,8 +30,8 @@ class Transition:
     """
 
     kind: str = "default"
-    alpha_max: Optional[float] = None
-    proximity_window: Optional[float] = None
+    alpha_max: float | None = None
+    proximity_window: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TRANSITIONS:
@@ -123,7 +123,7 @@ def _longlive_recache(memory: Memory, switch_frame: int, encode: Encode, source_
     rewritten = []
     for _, f in memory.frames():
         j = position.get(f.index)
-        if j is None or (keep_sink and f in sink):
+        if j is None:
             continue
         memory.store.write(f.slot, kv, j, len(queries), latents)
         rewritten.append(f.index)

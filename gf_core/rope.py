@@ -58,9 +58,10 @@ class RopeTable:
         float32 cos/sin (``kind="float32"``), tokens in frame-major, row-major order.
         """
         index = frame_index.to(torch.long)
-        if int(index.min()) < 0 or int(index.max()) >= self.max_positions:
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= self.max_positions:
             raise ValueError(
-                f"temporal RoPE index {int(index.max())} is outside the table of "
+                f"temporal RoPE index {lo if lo < 0 else hi} is outside the table of "
                 f"{self.max_positions} positions; shorten the video or use a bounded-index memory policy"
             )
         device = index.device

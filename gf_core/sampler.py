@@ -34,7 +34,7 @@ class Schedule:
     @classmethod
     def few_step(
         cls, steps: tuple[int, ...] = DENOISING_STEPS, shift: float = 5.0, context_timestep: float = 0.0
-    ) -> "Schedule":
+    ) -> Schedule:
         if not steps or any(not 0 < s <= 1000 for s in steps):
             raise ValueError(f"denoising steps {steps} must be integers in (0, 1000]; the default is {DENOISING_STEPS}")
         sigmas, timesteps = shifted_table(shift)

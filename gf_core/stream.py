@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Iterator, Optional, Union
+from typing import IO
 
 import torch
 from torch import nn
@@ -128,22 +129,22 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 def stream(
     model: nn.Module,
     segments: list[Segment],
-    memory: Union[str, MemoryPolicy] = "grounded",
+    memory: str | MemoryPolicy = "grounded",
     *,
     height: int = 480,
     width: int = 832,
     batch_size: int = 1,
     seed: int = 0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     chunk_frames: int = 3,
-    dtype: Optional[torch.dtype] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    schedule: Optional[Schedule] = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    schedule: Schedule | None = None,
     noise_order: str = "reference",
-    noise: Optional[torch.Tensor] = None,
+    noise: torch.Tensor | None = None,
     attention: AttentionFn = sdpa_attention,
     rope_kind: str = "float32",
-    output_device: Optional[Union[str, torch.device]] = "cpu",
+    output_device: str | torch.device | None = "cpu",
 ) -> Iterator[ChunkResult]:
     """Generate a latent video chunk by chunk; see the module docstring for the draw order.
 
@@ -157,7 +158,7 @@ def stream(
         rope_kind: "float32" (fast) or "complex128" (the references' float64 rotation).
         output_device: where yielded latents live (None: the run device).
     """
-    policy = preset(memory) if isinstance(memory, str) else memory
+    policy = preset(memory, chunk_frames) if isinstance(memory, str) else memory
     cfg = WanConfig.from_module(model)
     model_dtype, model_device = _model_dtype_device(model)
     dtype = dtype or model_dtype
@@ -165,6 +166,11 @@ def stream(
     validate(cfg, segments, policy, height, width, batch_size, chunk_frames)
     for seg in segments:
         resolve(policy, seg.transition)
+    if batch_size > 1 and policy.anchor_region and policy.candidates != "frozen":
+        raise ValueError(
+            f"batch size {batch_size} with the GCM diversity update would let the videos of the batch choose "
+            "each other's anchors; use batch size 1 (queue several runs) or set the GCM update rule to 'frozen'"
+        )
     if noise_order not in ("reference", "chunk"):
         raise ValueError(f"unknown noise order '{noise_order}'; use 'reference' or 'chunk'")
     if rope_kind not in ("float32", "complex128"):
@@ -185,6 +191,8 @@ def stream(
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit; expected {expected}")
         initial = noise
+        # draw (and drop) the initial noise anyway, so the re-noise draws stay those of the seed
+        torch.randn(expected, generator=generator, device=gen_device, dtype=dtype)
     elif noise_order == "reference":
         initial = torch.randn(
             (batch_size, total, LATENT_CHANNELS, lat_h, lat_w), generator=generator, device=gen_device, dtype=dtype
@@ -196,14 +204,14 @@ def stream(
     mem = Memory(policy, chunk_frames)
     timesteps = schedule.timesteps.to(device)
     sigmas = schedule.sigmas.to(device)
-    text: Optional[TextContext] = None
+    text: TextContext | None = None
     text_segment = -1
 
     def prompt_text(k: int) -> TextContext:
         p = segments[k].prompt.to(device=device, dtype=dtype)
         return encode_text(model, p.expand(batch_size, -1, -1), cfg.text_len)
 
-    def encode_frames(latents: torch.Tensor, query_index: list[int], context: Optional[ContextSource]) -> ChunkKV:
+    def encode_frames(latents: torch.Tensor, query_index: list[int], context: ContextSource | None) -> ChunkKV:
         t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
         index = torch.tensor(query_index, dtype=torch.long, device=device)
         _, kv = forward_chunk(model, latents, t, text, context, index, rope, rope_kind, attention,
@@ -263,7 +271,7 @@ def stream(
             yield ChunkResult(c, start, k, out, event)
 
 
-def generate(model: nn.Module, segments: list[Segment], memory: Union[str, MemoryPolicy] = "grounded", **options) -> GenerationResult:
+def generate(model: nn.Module, segments: list[Segment], memory: str | MemoryPolicy = "grounded", **options) -> GenerationResult:
     """Run :func:`stream` to the end; returns all latents [B, 16, F, H/8, W/8] and the events."""
     chunks, events = [], []
     for chunk in stream(model, segments, memory, **options):
@@ -272,7 +280,7 @@ def generate(model: nn.Module, segments: list[Segment], memory: Union[str, Memor
     return GenerationResult(torch.cat(chunks, dim=2), events)
 
 
-def write_events(events: list[dict], target: Union[str, IO[str]]) -> None:
+def write_events(events: list[dict], target: str | IO[str]) -> None:
     """Write events as JSON lines to a path or an open text file."""
     if isinstance(target, str):
         with open(target, "w", encoding="utf-8") as fh:

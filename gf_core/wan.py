@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +45,12 @@ class WanConfig:
         return self.dim // self.num_heads
 
     @classmethod
-    def tiny(cls, layers: int = 2, text_dim: int = 64) -> "WanConfig":
+    def tiny(cls, layers: int = 2, text_dim: int = 64) -> WanConfig:
         """A small config for tests and the demo: dim 256, 2 heads of 128."""
         return cls(dim=256, ffn_dim=512, num_heads=2, num_layers=layers, text_dim=text_dim)
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "WanConfig":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> WanConfig:
         """Read the config from tensor shapes of a Wan-keyed state dict."""
         patch = sd["patch_embedding.weight"]
         dim, in_dim = patch.shape[0], patch.shape[1]
@@ -70,7 +70,7 @@ class WanConfig:
         )
 
     @classmethod
-    def from_module(cls, model: nn.Module) -> "WanConfig":
+    def from_module(cls, model: nn.Module) -> WanConfig:
         """Read the config from the shapes of a module tree with Wan names (ours or ComfyUI's)."""
         patch = model.patch_embedding.weight
         dim = patch.shape[0]
@@ -155,7 +155,7 @@ class WanModel(nn.Module):
     @classmethod
     def from_state_dict(
         cls, sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-    ) -> "WanModel":
+    ) -> WanModel:
         """Build the model for ``sd``'s shapes and load it (strict)."""
         cfg = WanConfig.from_state_dict(sd)
         with torch.device("meta"):
@@ -169,24 +169,26 @@ def random_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Random weights in Wan layout with activations that stay O(1) through every block.
 
-    Used for tests, the demo and parity/speed runs (no real weights exist here). Linear layers
+    Used for tests, the demo and parity/speed runs (no real weights exist here); the values depend
+    on ``seed`` and on the device they are drawn on. Linear layers
     get N(0, 1/fan_in), norms get weights near 1, modulations N(0, 1/dim) as Wan initialises them.
     """
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in WanModel(cfg).state_dict().items()}
     out = {}
     for name, shape in shapes.items():
+        t = torch.randn(shape, generator=g, device=device)
         if name.endswith("bias"):
-            t = torch.randn(shape, generator=g) * 0.02
+            t = t * 0.02
         elif "norm" in name:
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.1 * t
         elif name.endswith("modulation"):
-            t = torch.randn(shape, generator=g) / cfg.dim**0.5
+            t = t / cfg.dim**0.5
         else:
-            fan_in = math.prod(shape[1:])
-            t = torch.randn(shape, generator=g) / fan_in**0.5
-        out[name] = t.to(device=device, dtype=dtype)
+            t = t / math.prod(shape[1:]) ** 0.5
+        out[name] = t.to(dtype=dtype)
     return out
 
 
@@ -215,7 +217,7 @@ class TextContext:
 class KeyValueSource(Protocol):
     """What the memory gives attention: rotated context keys and values of one block."""
 
-    def context(self, block: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def context(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rotated keys and values [B, N, H, D] of every context frame, or None."""
         ...
 
@@ -266,14 +268,14 @@ def forward_chunk(
     x: torch.Tensor,
     timestep: torch.Tensor,
     text: TextContext,
-    memory: Optional[KeyValueSource],
+    memory: KeyValueSource | None,
     query_index: torch.Tensor,
     rope: RopeTable,
     rope_kind: str = "complex128",
     attention: AttentionFn = sdpa_attention,
     capture_kv: bool = False,
     compute_output: bool = True,
-) -> tuple[Optional[torch.Tensor], Optional[ChunkKV]]:
+) -> tuple[torch.Tensor | None, ChunkKV | None]:
     """One causal forward of a chunk of latent frames.
 
     Args:
