@@ -2,7 +2,7 @@
 
 Every rule re-encodes cached frames through one ``encode`` call: a forward of clean latents at
 the cache-pass timestep under the new prompt that returns their raw K/V without running the
-head. ``encode(latents [B, C, N, H, W], query_index [N], context)`` -> ChunkKV, where
+head. ``encode(latents [B, C, N, H, W], query_index [N], context, own_keys_from=0)`` -> ChunkKV, where
 ``context`` is a :class:`~gf_core.memory.ContextSource` of frames that keep their K/V (or None).
 """
 
@@ -16,7 +16,7 @@ import torch
 from .memory import ContextSource, Memory, MemoryPolicy
 from .wan import ChunkKV
 
-Encode = Callable[[torch.Tensor, list[int], ContextSource | None], ChunkKV]
+Encode = Callable[..., ChunkKV]
 SourceFor = Callable[[list[int], list[int]], ContextSource]
 
 TRANSITIONS = ("default", "apr", "hard", "none", "cut")
@@ -107,14 +107,16 @@ def _longlive_recache(memory: Memory, switch_frame: int, encode: Encode, source_
     sink_name = policy.regions[0].name
     sink = memory.regions[sink_name]
     keep_sink = policy.global_sink and switch_frame - n > 0
+    queries = window
+    own_keys_from = 0
+    context = None
     if keep_sink:
-        queries = window[len(window) - (policy.recache_frames - len(sink)):]
+        # The reference runs the whole window but its keys are the old sink and the newest
+        # (window - sink) frames; running the same frames keeps its kernels' shapes and rounding.
+        own_keys_from = len(window) - (policy.recache_frames - len(sink))
         context = source_for([f.slot for f in sink], [f.index for f in sink])
-    else:
-        queries = window
-        context = None
     latents = torch.stack([lat for _, lat in queries], dim=2)
-    kv = encode(latents, [i for i, _ in queries], context)
+    kv = encode(latents, [i for i, _ in queries], context, own_keys_from=own_keys_from)
     position = {index: j for j, (index, _) in enumerate(queries)}
     if not policy.global_sink and switch_frame - n > 0:
         new_sink = [index for index, _ in queries[: len(sink)]]

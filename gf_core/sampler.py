@@ -51,6 +51,6 @@ def to_x0(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch
 
 
 def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """(1 - sigma) x0 + sigma eps with a float32 sigma, cast to the noise dtype."""
+    """(1 - sigma) x0 + sigma eps computed in float32, cast to the noise dtype (as the references do)."""
     s = sigma.float()
-    return ((1 - s) * x0 + s * eps).to(eps.dtype)
+    return ((1 - s) * x0.float() + s * eps.float()).to(eps.dtype)

@@ -211,11 +211,12 @@ def stream(
         p = segments[k].prompt.to(device=device, dtype=dtype)
         return encode_text(model, p.expand(batch_size, -1, -1), cfg.text_len)
 
-    def encode_frames(latents: torch.Tensor, query_index: list[int], context: ContextSource | None) -> ChunkKV:
+    def encode_frames(latents: torch.Tensor, query_index: list[int], context: ContextSource | None,
+                      own_keys_from: int = 0) -> ChunkKV:
         t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
         index = torch.tensor(query_index, dtype=torch.long, device=device)
         _, kv = forward_chunk(model, latents, t, text, context, index, rope, rope_kind, attention,
-                              capture_kv=True, compute_output=False)
+                              capture_kv=True, compute_output=False, own_keys_from=own_keys_from)
         return kv
 
     def source_for(slots: list[int], indices: list[int]) -> ContextSource:

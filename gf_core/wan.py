@@ -206,6 +206,27 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return out.transpose(1, 2)
 
 
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def attention_backend(name: str = "auto") -> AttentionFn:
+    """SDPA pinned to one kernel family ("auto" lets PyTorch choose)."""
+    if name == "auto":
+        return sdpa_attention
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"unknown attention backend '{name}'; use one of {', '.join(SDPA_BACKENDS)}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+    def pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return sdpa_attention(q, k, v)
+
+    return pinned
+
+
 @dataclass
 class TextContext:
     """Cross-attention keys and values of one prompt, per block: [B, text_len, H, D] each."""
@@ -275,6 +296,7 @@ def forward_chunk(
     attention: AttentionFn = sdpa_attention,
     capture_kv: bool = False,
     compute_output: bool = True,
+    own_keys_from: int = 0,
 ) -> tuple[torch.Tensor | None, ChunkKV | None]:
     """One causal forward of a chunk of latent frames.
 
@@ -286,6 +308,8 @@ def forward_chunk(
         query_index: [F] temporal RoPE index of each frame of the chunk.
         capture_kv: return the chunk's raw keys and values of every block.
         compute_output: run the head (a cache-writing pass can skip it).
+        own_keys_from: the chunk attends to its own frames from this one on (LongLive's recache
+            runs frames whose keys it then leaves out).
 
     Returns:
         The velocity prediction [B, C, F, H, W] (or None) and the captured K/V (or None).
@@ -322,12 +346,15 @@ def forward_chunk(
             break
         q_rot = apply_rope(q, freqs)
         k_rot = apply_rope(k, freqs)
+        k_own, v_own = k_rot, v
+        if own_keys_from:
+            k_own, v_own = k_rot[:, own_keys_from * tokens_per_frame:], v[:, own_keys_from * tokens_per_frame:]
         ctx = memory.context(i) if memory is not None else None
         if ctx is not None:
-            k_all = torch.cat([ctx[0], k_rot], dim=1)
-            v_all = torch.cat([ctx[1], v], dim=1)
+            k_all = torch.cat([ctx[0], k_own], dim=1)
+            v_all = torch.cat([ctx[1], v_own], dim=1)
         else:
-            k_all, v_all = k_rot, v
+            k_all, v_all = k_own, v_own
         y = sa.o(attention(q_rot, k_all, v_all).flatten(2))
         h = h + (y.unflatten(1, (grid[0], tokens_per_frame)) * gate).flatten(1, 2)
 

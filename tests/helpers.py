@@ -94,7 +94,7 @@ class StubKV:
     def latents(self, frames: int) -> torch.Tensor:
         return torch.randn(1, 16, frames, 1, 1, generator=self.g)
 
-    def encode(self, latents: torch.Tensor, query_index: list[int], context: object | None) -> ChunkKV:
+    def encode(self, latents: torch.Tensor, query_index: list[int], context: object | None, own_keys_from: int = 0) -> ChunkKV:
         """Stands in for the re-encoding forward of a switch: right shape, fresh values."""
         assert len(query_index) == latents.shape[2]
         return self.kv(latents.shape[2])
