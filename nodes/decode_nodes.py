@@ -1,0 +1,96 @@
+"""GF Stream Decode: Wan2.1 VAE decoding latent frame by latent frame into a VIDEO."""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import InputImpl, Types, io
+from PIL import Image
+
+from ..gf_core import pixel_frames
+from .decoding import StreamDecoder, is_wan21_vae
+from .prompts import FPS
+from .sockets import CATEGORY
+
+
+class GFStreamDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GFStreamDecode",
+            display_name="GF Stream Decode",
+            category=CATEGORY,
+            description="Decodes a long Wan2.1 latent video one latent frame at a time with the VAE's causal cache "
+                        "carried throughout: the same frames as one whole-video decode, with the GPU memory of a "
+                        "single frame. Optionally writes every frame as a PNG while decoding.",
+            inputs=[
+                io.Latent.Input("samples", tooltip="Raw Wan latents [B, 16, F, H/8, W/8], e.g. from GF Sampler."),
+                io.Vae.Input("vae", tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors)."),
+                io.Float.Input("fps", default=float(FPS), min=1.0, max=120.0, step=1.0,
+                               tooltip="Frame rate of the VIDEO; the Wan2.1 models make 16 fps."),
+                io.Boolean.Input("save_frames", default=False,
+                                 tooltip="Also write every frame as a PNG into the output folder as soon as it is "
+                                         "decoded (kept even if the run is cancelled)."),
+                io.String.Input("filename_prefix", default="grounded_forcing/frames",
+                                tooltip="PNG names: <prefix>_<run>_<frame>.png under ComfyUI's output folder."),
+            ],
+            outputs=[io.Video.Output(display_name="video")],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae, fps: float, save_frames: bool, filename_prefix: str) -> io.NodeOutput:
+        latents = samples["samples"]
+        if latents.ndim != 5 or latents.shape[1] != 16 or latents.shape[2] < 1:
+            raise ValueError(
+                f"the latent has shape {list(latents.shape)}; GF Stream Decode takes Wan2.1 video latents [B, 16, F, H, W]"
+            )
+        model = vae.first_stage_model
+        if not is_wan21_vae(model):
+            raise ValueError("GF Stream Decode needs the Wan2.1 VAE (wan_2.1_vae.safetensors); "
+                             "use VAE Decode for other VAEs")
+        batch, _, frames, height, width = latents.shape
+        mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_decode((1, 16, 1, height, width),
+                                                                                  vae.vae_dtype))
+        per_video = pixel_frames(frames)
+        pbar = comfy.utils.ProgressBar(batch * frames)
+        writer = _FrameWriter(filename_prefix, width * 8, height * 8) if save_frames else None
+        images = None
+        written = 0
+        for b in range(batch):
+            decoder = StreamDecoder(model)
+            for f in range(frames):
+                mm.throw_exception_if_processing_interrupted()
+                z = latents[b:b + 1, :, f:f + 1].to(device=vae.device, dtype=vae.vae_dtype)
+                pixels = vae.process_output(decoder.decode_frame(z).to(vae.output_device).float())
+                pixels = pixels[0].movedim(0, -1)  # [n, H, W, 3]
+                if images is None:
+                    images = torch.empty((batch * per_video, *pixels.shape[1:]), dtype=torch.float32,
+                                         device=vae.output_device)
+                images[written:written + pixels.shape[0]] = pixels
+                if writer is not None:
+                    writer.write(pixels, written)
+                written += pixels.shape[0]
+                pbar.update(1)
+        video = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, frame_rate=Fraction(fps)))
+        return io.NodeOutput(video)
+
+
+class _FrameWriter:
+    """PNG frames <prefix>_<run>_<frame>.png, numbered like core's saved images."""
+
+    def __init__(self, filename_prefix: str, width: int, height: int):
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), width, height)
+        self.stem = os.path.join(folder, f"{name}_{counter:05}")
+
+    def write(self, pixels: torch.Tensor, first: int) -> None:
+        """Write frames [n, H, W, 3] in [0, 1] as frames first, first + 1, ..."""
+        data = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        for i, frame in enumerate(data):
+            Image.fromarray(np.ascontiguousarray(frame)).save(f"{self.stem}_{first + i:05}.png", compress_level=4)

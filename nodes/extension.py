@@ -1,0 +1,28 @@
+"""The pack's ComfyExtension: every node it registers."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .decode_nodes import GFStreamDecode
+from .memory_nodes import GFDualMemory
+from .model_nodes import GFDRRoPE, GFLoadCausalWanModel
+from .prompt_nodes import GFAPRTransition, GFCut, GFPromptSegment, GFPromptTimeline
+from .sampler_nodes import GFSampler
+
+NODES: list[type[io.ComfyNode]] = [
+    GFLoadCausalWanModel,
+    GFDualMemory,
+    GFDRRoPE,
+    GFPromptSegment,
+    GFAPRTransition,
+    GFCut,
+    GFPromptTimeline,
+    GFSampler,
+    GFStreamDecode,
+]
+
+
+class GroundedForcingExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,123 @@
+"""The GF Sampler node: streams a long video chunk by chunk through a MODEL's Wan module tree."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import latent_preview
+import torch
+from comfy_api.latest import io
+from torch import nn
+
+from . import sampling
+from .policy import apply_rope, rope_options
+from .sockets import CATEGORY, Memory, Segments
+
+MAX_SIZE = 4096
+
+
+def _compute_dtype(base_model):
+    """The dtype the layers compute in: the manual-cast dtype for fp8 (or other stored) weights."""
+    return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
+class _Float32PatchEmbedding(nn.Module):
+    """ComfyUI keeps Wan's patch embedding in float32 whatever the model dtype and feeds it float32
+    latents (its forward runs ``patch_embedding(x.float()).to(x.dtype)``); do the same here."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.float()).to(x.dtype)
+
+
+class _ComfyWanView:
+    """ComfyUI's WanModel as the engine calls it: every submodule as it is, but the patch embedding
+    run in float32 as ComfyUI runs it."""
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+        self.patch_embedding = _Float32PatchEmbedding(module.patch_embedding)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+class GFSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GFSampler",
+            display_name="GF Sampler",
+            category=CATEGORY,
+            description="Generates the video chunk by chunk (3 latent frames, 4 steps each) under the chosen "
+                        "memory, switching prompts at segment boundaries. Outputs raw Wan latents for VAE Decode "
+                        "or GF Stream Decode, and a JSON-lines log of every chunk.",
+            inputs=[
+                io.Model.Input("model", tooltip="A causal Wan2.1 T2V MODEL (GF Load Causal Wan Model or Load "
+                                                "Diffusion Model), optionally patched by GF DR-RoPE."),
+                Memory.Input("memory", tooltip="The long-video memory from GF Dual Memory."),
+                Segments.Input("segments", tooltip="The prompts in order, from GF Prompt Segment or GF Prompt "
+                                                   "Timeline."),
+                io.Int.Input("width", default=832, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Frame width in pixels, a multiple of 16 (the models were trained at 832)."),
+                io.Int.Input("height", default=480, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Frame height in pixels, a multiple of 16 (the models were trained at 480)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of all the noise of the video."),
+                io.Int.Input("batch_size", default=1, min=1, max=16,
+                             tooltip="Videos made side by side with the same prompts (memory grows with it); "
+                                     "above 1 the grounded memory needs gcm_update 'frozen'."),
+                io.Combo.Input("noise_order", options=list(sampling.NOISE_ORDERS), default="reference",
+                               tooltip="reference: draw the whole video's initial noise first, as the research code "
+                                       "does (same seed, same video). chunk: draw it per chunk (nothing grows with "
+                                       "the length; a different video for the same seed)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="Raw Wan latents [B, 16, F, H/8, W/8]."),
+                io.String.Output(display_name="events", tooltip="JSON lines: the run, then one line per chunk "
+                                                                "(memory, RoPE indices, switches, anchor updates)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, memory, segments, width: int, height: int, seed: int, batch_size: int,
+                noise_order: str) -> io.NodeOutput:
+        module = _ComfyWanView(model.model.diffusion_model)
+        memory, rope_kind = apply_rope(memory, rope_options(model.model_options))
+        cfg = sampling.check(module, segments, memory, width, height, batch_size, noise_order)
+        dtype = _compute_dtype(model.model)
+        mm.load_models_gpu([model], memory_required=sampling.working_bytes(cfg, memory, width, height,
+                                                                           batch_size, dtype))
+        device = model.load_device
+        previewer = latent_preview.get_previewer(device, model.model.latent_format)
+        pbar = comfy.utils.ProgressBar(sampling.chunk_count(segments))
+
+        def on_chunk(index, total, chunk):
+            preview = None
+            if previewer is not None:
+                preview = previewer.decode_latent_to_preview_image("JPEG", chunk.latents[:, :, -1:])
+            pbar.update_absolute(index + 1, total, preview)
+
+        def keep_partial(latents, events):
+            return sampling.write_partial(os.path.join(folder_paths.get_output_directory(), "grounded_forcing"),
+                                          latents, events)
+
+        try:
+            result = sampling.sample(module, segments, memory, width=width, height=height, seed=seed,
+                                     batch_size=batch_size, noise_order=noise_order, rope_kind=rope_kind,
+                                     device=device, dtype=dtype, on_chunk=on_chunk,
+                                     between_chunks=mm.throw_exception_if_processing_interrupted,
+                                     keep_partial=keep_partial)
+        finally:
+            mm.soft_empty_cache()
+        return io.NodeOutput({"samples": result.latents}, result.log)

@@ -1,0 +1,472 @@
+"""The pack inside a real ComfyUI (CPU): loading, workflow validation, graph execution, stream decode.
+
+Needs a ComfyUI checkout and a Python with its requirements::
+
+    GF_COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest tests/test_comfy_host.py
+
+Everything runs in-process on tiny random models written to a temporary models folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from grounded_forcing import gf_core as gf
+from grounded_forcing.gf_core.latents import to_normalised
+
+COMFY = os.environ.get("GF_COMFYUI_PATH")
+if not COMFY:
+    pytest.skip("set GF_COMFYUI_PATH to a ComfyUI checkout to run the ComfyUI host tests", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parent.parent
+TESTING_NODES = REPO / "tests" / "comfy_testing_nodes"
+PACK_NODES = {"GFLoadCausalWanModel", "GFDualMemory", "GFDRRoPE", "GFPromptSegment", "GFAPRTransition", "GFCut",
+              "GFPromptTimeline", "GFSampler", "GFStreamDecode"}
+TINY_MODEL = "gf_tiny_wan.safetensors"
+TINY_LORA = "gf_tiny_lora.safetensors"
+NOT_A_MODEL = "gf_lora_in_the_wrong_folder.safetensors"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+
+
+class _Server:
+    """What PromptExecutor needs of ComfyUI's PromptServer: it records the messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.sockets_metadata: dict = {}
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+def _tiny_wan(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Wan2.1 T2V state dict ComfyUI detects as such: heads of 128, text_dim 4096 (its fixed value)."""
+    cfg = gf.WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=4096)
+    return gf.random_state_dict(cfg, seed=seed)
+
+
+def _tiny_lora(dim: int = 256, rank: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    prefix = "base_model.model.blocks.1.self_attn.q"
+    return {f"{prefix}.lora_A.weight": torch.randn(rank, dim, generator=g) * 0.1,
+            f"{prefix}.lora_B.weight": torch.randn(dim, rank, generator=g) * 0.1}
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """ComfyUI imported on CPU with temporary folders, core's extra nodes, this pack and the test nodes."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("comfy")
+    sys.path.insert(0, COMFY)
+    # ComfyUI's nodes.py puts comfy/ first on sys.path (comfy/utils.py); import the utils package before it.
+    import comfy.cli_args as cli
+    import utils.extra_config
+    import utils.install_util  # noqa: F401
+
+    cli.args.cpu = True
+    cli.args.preview_method = cli.LatentPreviewMethod.Latent2RGB
+    import folder_paths
+
+    for name in ("output", "temp", "input"):
+        (root / name).mkdir()
+    folder_paths.set_output_directory(str(root / "output"))
+    folder_paths.set_temp_directory(str(root / "temp"))
+    folder_paths.set_input_directory(str(root / "input"))
+    models = root / "models"
+    for kind in ("diffusion_models", "loras", "text_encoders", "vae"):
+        (models / kind).mkdir(parents=True)
+        folder_paths.add_model_folder_path(kind, str(models / kind), is_default=True)
+    save_file(_tiny_wan(), str(models / "diffusion_models" / TINY_MODEL))
+    save_file(_tiny_lora(), str(models / "loras" / TINY_LORA))
+    save_file(_tiny_lora(), str(models / "diffusion_models" / NOT_A_MODEL))
+    for wf in sorted((REPO / "workflows").glob("*.json")):  # names the workflows expect, as empty files
+        for node in json.loads(wf.read_text())["nodes"]:
+            for model in node.get("properties", {}).get("models", []):
+                (models / model["directory"] / model["name"]).touch()
+
+    import execution
+
+    import nodes
+
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    loaded_pack = asyncio.run(nodes.load_custom_node(str(REPO)))
+    loaded_testing = asyncio.run(nodes.load_custom_node(str(TESTING_NODES)))
+    return SimpleNamespace(nodes=nodes, execution=execution, folder_paths=folder_paths, root=root, models=models,
+                           loaded=(loaded_pack, loaded_testing))
+
+
+def _captured(host) -> dict:
+    return sys.modules[host.nodes.NODE_CLASS_MAPPINGS["GFTestCapture"].__module__].CAPTURED
+
+
+def _run(host, prompt: dict) -> str:
+    """Validate and execute an API prompt; returns the final status (execution_success, ...)."""
+    executor = host.execution.PromptExecutor(_Server())
+    outputs = [k for k, v in prompt.items() if v["class_type"] in ("GFTestCapture", "SaveLatent")]
+    valid = asyncio.run(host.execution.validate_prompt("gf-test", prompt, None))
+    assert valid[0], valid
+    executor.execute(prompt, "gf-test", {}, outputs)
+    event, data = executor.status_messages[-1]
+    if event == "execution_error":
+        pytest.fail(f"{data['node_type']}: {data['exception_message']}\n{''.join(data['traceback'])}")
+    return event
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the pack loads through ComfyUI's custom-node loader
+
+
+def test_pack_loads_through_comfyui(host):
+    assert host.loaded == (True, True)
+    mappings = host.nodes.NODE_CLASS_MAPPINGS
+    assert PACK_NODES <= set(mappings)
+    module = sys.modules[mappings["GFSampler"].__module__.split(".nodes")[0]]
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # V3 only
+    for node_id in PACK_NODES:
+        cls = mappings[node_id]
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id == node_id and schema.category == "Grounded Forcing" and schema.display_name
+        assert all(i.tooltip for i in schema.inputs), f"{node_id} has an input without a tooltip"
+        json.dumps(cls.GET_NODE_INFO_V1())  # what /object_info serves
+
+
+def test_loader_lists_models_and_loras(host):
+    spec = host.nodes.NODE_CLASS_MAPPINGS["GFLoadCausalWanModel"].INPUT_TYPES()["required"]
+    assert TINY_MODEL in spec["model_name"][1]["options"]
+    assert spec["lora_name"][1]["options"][0] == "none" and TINY_LORA in spec["lora_name"][1]["options"]
+    assert "fp8_e4m3fn" in spec["weight_dtype"][1]["options"]
+
+
+def test_loader_reports_a_bad_file_in_one_sentence(host):
+    loader = host.nodes.NODE_CLASS_MAPPINGS["GFLoadCausalWanModel"]
+    with pytest.raises(ValueError) as info:  # CheckpointError is a ValueError
+        loader.execute(model_name=NOT_A_MODEL, weights="ema", lora_name="none", lora_strength=1.0,
+                       weight_dtype="default")
+    assert type(info.value).__name__ == "CheckpointError" and info.value.__suppress_context__
+    assert NOT_A_MODEL in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) every workflow converts to an API prompt that ComfyUI validates
+
+
+def ui_to_api(workflow: dict, mappings: dict) -> dict:
+    """UI-format workflow -> API prompt, as the frontend serialises a graph.
+
+    Widget values are assigned in the order of the node's inputs (required, then optional) that
+    have widgets; an INT or COMBO widget with ``control_after_generate`` is followed by its
+    control value ("fixed", "randomize", ...), which the API format drops. Linked inputs become
+    ``[source node id, output slot]``. Frontend-only nodes (notes) and muted/bypassed nodes are skipped.
+    """
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        spec = mappings[node["type"]].INPUT_TYPES()
+        values = list(node.get("widgets_values", []))
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, definition in spec.get(section, {}).items():
+                kind = definition[0]
+                options = definition[1] if len(definition) > 1 else {}
+                if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
+                    inputs[name] = values.pop(0)
+                    if options.get("control_after_generate"):
+                        values.pop(0)
+                if name in linked:
+                    link = linked[name]
+                    inputs[name] = [str(link[1]), link[2]]
+        assert not values, f"node {node['id']} ({node['type']}) has {len(values)} widget values left over"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_validates_in_comfyui(host, path):
+    workflow = json.loads(path.read_text())
+    prompt = ui_to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
+    ok, error, outputs, node_errors = asyncio.run(host.execution.validate_prompt("gf-wf", prompt, None))
+    assert ok and not node_errors, (error, node_errors)
+    assert outputs
+
+
+def test_converter_handles_seed_control_widgets(host):
+    workflow = {
+        "nodes": [{"id": 3, "type": "GFSampler", "mode": 0, "widgets_values": [832, 480, 42, "randomize", 1, "chunk"],
+                   "inputs": [{"name": "model", "type": "MODEL", "link": None}]}],
+        "links": [],
+    }
+    inputs = ui_to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)["3"]["inputs"]
+    assert inputs == {"width": 832, "height": 480, "seed": 42, "batch_size": 1, "noise_order": "chunk"}
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) a graph runs end to end in ComfyUI's executor
+
+
+def _story_prompt(model_node: dict, extra: dict | None = None) -> dict:
+    prompt = {
+        "1": model_node,
+        "2": {"class_type": "GFDRRoPE", "inputs": {"model": ["1", 0], "mode": "dr_rope", "rope_range": 21,
+                                                   "layout": "pinned_end", "precision": "float32"}},
+        "3": {"class_type": "GFDualMemory", "inputs": {"policy": "grounded", "gcm_frames": 3, "ltm_frames": 6,
+                                                       "gcm_update": "after_switch", "alpha_max": 0.8, "d_window": 0.0,
+                                                       "sink_frames": 3, "window_frames": 12, "global_sink": True}},
+        "4": {"class_type": "GFTestConditioning", "inputs": {"seed": 1, "rows": 600}},
+        "5": {"class_type": "GFTestConditioning", "inputs": {"seed": 2, "rows": 20}},
+        "6": {"class_type": "GFPromptSegment", "inputs": {"conditioning": ["4", 0], "duration": 1.5,
+                                                          "unit": "seconds"}},
+        "7": {"class_type": "GFAPRTransition", "inputs": {"mode": "apr", "alpha_max": 0.8, "d_window": 0.0}},
+        "8": {"class_type": "GFPromptSegment", "inputs": {"conditioning": ["5", 0], "duration": 6,
+                                                          "unit": "latent frames", "previous": ["6", 0],
+                                                          "transition": ["7", 0]}},
+        "9": {"class_type": "GFSampler", "inputs": {"model": ["2", 0], "memory": ["3", 0], "segments": ["8", 0],
+                                                    "width": 32, "height": 48, "seed": 7, "batch_size": 1,
+                                                    "noise_order": "reference"}},
+        "10": {"class_type": "GFTestCapture", "inputs": {"name": "story", "latent": ["9", 0], "events": ["9", 1]}},
+    }
+    prompt.update(extra or {})
+    return prompt
+
+
+def _reference_latents(sd: dict) -> torch.Tensor:
+    """The same story through gf_core's own WanModel: raw latents [1, 16, 12, 6, 4]."""
+    from grounded_forcing.nodes import policy, prompts
+
+    def embedding(seed, rows):
+        g = torch.Generator().manual_seed(seed)
+        return prompts.prompt_embedding([[torch.randn(1, rows, 4096, generator=g), {}]])
+
+    segments = prompts.add_segment(None, embedding(1, 600), 6)
+    segments = prompts.add_segment(segments, embedding(2, 20), 6, prompts.make_transition("apr", 0.8, 0.0))
+    memory, kind = policy.apply_rope(policy.build_memory(), policy.RopeOptions())
+    model = gf.WanModel.from_state_dict(sd)
+    return gf.generate(model, list(segments), memory, width=32, height=48, seed=7, rope_kind=kind).latents
+
+
+def test_graph_runs_in_the_executor_and_matches_the_engine(host):
+    import comfy.utils
+
+    progress = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, prompt_id=None, node_id=None: progress.append((value, total, preview)))
+    loader = {"class_type": "GFLoadCausalWanModel", "inputs": {"model_name": TINY_MODEL, "weights": "ema",
+                                                                "lora_name": TINY_LORA, "lora_strength": 1.0,
+                                                                "weight_dtype": "default"}}
+    save = {"11": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "gf_test"}}}
+    assert _run(host, _story_prompt(loader, save)) == "execution_success"
+    comfy.utils.set_progress_bar_global_hook(None)
+    captured = _captured(host)["story"]
+    latents = captured["latent"]["samples"]
+    assert latents.shape == (1, 16, 12, 6, 4) and torch.isfinite(latents).all()
+    lines = [json.loads(line) for line in captured["events"].splitlines()]
+    assert lines[0]["run"]["chunks"] == 4 and [e["chunk"] for e in lines[1:]] == [0, 1, 2, 3]
+    assert [e["switch"]["kind"] for e in lines[1:] if e["switch"]] == ["apr"]
+    assert [p[:2] for p in progress if p[1] == 4] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(p[2] is not None and p[2][0] == "JPEG" for p in progress if p[1] == 4)  # live previews
+    assert list((host.root / "output").glob("gf_test_*.latent"))  # core nodes take the LATENT
+
+    from grounded_forcing.gf_core.checkpoints import load_lora, merge_lora
+
+    merged = merge_lora(_tiny_wan(), load_lora(_tiny_lora()))
+    reference = _reference_latents(merged)
+    assert torch.allclose(to_normalised(latents), reference, atol=2e-3, rtol=1e-3), \
+        float((to_normalised(latents) - reference).abs().max())
+
+
+def test_core_load_diffusion_model_works_downstream(host):
+    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL, "weight_dtype": "default"}}
+    assert _run(host, _story_prompt(unet)) == "execution_success"
+    latents = _captured(host)["story"]["latent"]["samples"]
+    reference = _reference_latents(_tiny_wan())
+    assert torch.allclose(to_normalised(latents), reference, atol=2e-3, rtol=1e-3)
+
+
+def test_cancel_keeps_the_finished_chunks(host):
+    import comfy.utils
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        if total == 4 and value == 2:
+            host.nodes.interrupt_processing(True)  # the user presses Cancel after two chunks
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL, "weight_dtype": "default"}}
+    prompt = _story_prompt(unet)
+    prompt["9"]["inputs"]["seed"] = 8  # not cached from the previous test
+    status = _run(host, prompt)
+    comfy.utils.set_progress_bar_global_hook(None)
+    assert status == "execution_interrupted"
+    saved = sorted((host.root / "output" / "grounded_forcing").glob("partial_*.latent"))
+    assert saved
+    from safetensors.torch import load_file
+
+    kept = load_file(str(saved[-1]))["latent_tensor"]
+    assert kept.shape == (1, 16, 6, 6, 4)  # the two finished chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) Stream Decode equals one whole-video decode
+
+
+def _tiny_wan_vae():
+    from comfy.ldm.wan.vae import WanVAE
+
+    torch.manual_seed(0)
+    vae = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+    with torch.no_grad():
+        for name, p in vae.named_parameters():  # comfy's layers skip weight init
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim > 1:
+                p.normal_(0.0, 1.0 / (p[0].numel() ** 0.5))
+            else:
+                p.normal_(0.0, 0.02)
+    return vae.eval()
+
+
+def test_stream_decoder_equals_whole_decode(host):
+    from grounded_forcing.nodes.decoding import StreamDecoder, is_wan21_vae
+
+    vae = _tiny_wan_vae()
+    assert is_wan21_vae(vae)
+    z = torch.randn(1, 16, 7, 4, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = vae.decode(z)
+        decoder = StreamDecoder(vae)
+        pieces = [p for chunk in (z[:, :, :1], z[:, :, 1:4], z[:, :, 4:7]) for p in decoder.frames(chunk)]
+        naive = [vae.decode(chunk) for chunk in (z[:, :, :1], z[:, :, 1:4], z[:, :, 4:7])]
+    streamed = torch.cat(pieces, dim=2)
+    assert whole.shape == (1, 3, 25, 32, 48) and streamed.shape == whole.shape
+    assert [p.shape[2] for p in pieces] == [1, 4, 4, 4, 4, 4, 4]
+    assert torch.allclose(streamed, whole, atol=1e-5)
+    # what the cache carries: separate decode calls lose frames and differ at every chunk start
+    assert sum(n.shape[2] for n in naive) == 1 + 1 + 4 * 2 + 1 + 4 * 2 < whole.shape[2]
+
+
+def test_stream_decode_node_makes_the_video_and_png_frames(host):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+
+    vae_source = inspect.getsource(comfy.sd.VAE)
+    used = ("first_stage_model", "patcher", "memory_used_decode", "vae_dtype", "device", "output_device",
+            "process_output")
+    assert all(f"self.{name}" in vae_source for name in used)  # the node uses only what comfy's VAE has
+    model = _tiny_wan_vae()
+    device = mm.get_torch_device()
+    vae = SimpleNamespace(
+        first_stage_model=model,
+        patcher=comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device),
+        memory_used_decode=lambda shape, dtype: 1 << 20,
+        vae_dtype=torch.float32, device=device, output_device=device,
+        process_output=lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0),
+    )
+    z = torch.randn(2, 16, 4, 4, 6, generator=torch.Generator().manual_seed(2))
+    node = host.nodes.NODE_CLASS_MAPPINGS["GFStreamDecode"]
+    out = node.execute(samples={"samples": z}, vae=vae, fps=16.0, save_frames=True, filename_prefix="gf/frames")
+    components = out.args[0].get_components()
+    with torch.no_grad():
+        whole = vae.process_output(model.decode(z)).movedim(1, -1).reshape(-1, 32, 48, 3)
+    assert components.images.shape == (2 * 13, 32, 48, 3) and components.frame_rate == 16
+    assert torch.allclose(components.images, whole, atol=1e-5)
+    pngs = sorted((host.root / "output" / "gf").glob("frames_00001_*.png"))
+    assert len(pngs) == 26 and pngs[-1].name == "frames_00001_00025.png"
+    with pytest.raises(ValueError, match="needs the Wan2.1 VAE"):
+        node.execute(samples={"samples": z}, vae=SimpleNamespace(first_stage_model=torch.nn.Linear(1, 1)),
+                     fps=16.0, save_frames=False, filename_prefix="x")
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters called directly
+
+
+def test_sampler_validates_before_loading_the_model(host, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.sd
+    from grounded_forcing.nodes import policy, prompts
+
+    loads = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
+    model = comfy.sd.load_diffusion_model_state_dict(_tiny_wan())
+    segments = prompts.add_segment(None, torch.zeros(1, 8, 4096), 6)
+    sampler = host.nodes.NODE_CLASS_MAPPINGS["GFSampler"]
+    args = {"model": model, "memory": policy.build_memory(), "segments": segments, "seed": 0, "batch_size": 1,
+            "noise_order": "chunk"}
+    with pytest.raises(ValueError, match="width 40 is not a multiple of 16; use "):
+        sampler.execute(width=40, height=32, **args)
+    with pytest.raises(ValueError, match="holds at most 21 latent frames"):
+        sampler.execute(width=32, height=32, **{**args, "memory": policy.build_memory("self_forcing"),
+                                                "segments": prompts.add_segment(None, torch.zeros(1, 8, 4096), 30)})
+    assert loads == []
+
+
+def test_timeline_node_encodes_each_line_with_the_clip(host):
+    class FakeClip:
+        def __init__(self):
+            self.texts = []
+
+        def tokenize(self, text):
+            self.texts.append(text)
+            return {"text": text}
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return [[torch.full((1, 600, 4096), float(len(self.texts))), {"pooled_output": None}]]
+
+    clip = FakeClip()
+    node = host.nodes.NODE_CLASS_MAPPINGS["GFPromptTimeline"]
+    segments = node.execute(clip=clip, script="5s | one\ncut +2s | two").args[0]
+    assert clip.texts == ["one", "two"]
+    assert [(s.frames, s.transition.kind, tuple(s.prompt.shape)) for s in segments] == \
+        [(20, "default", (1, 512, 4096)), (8, "cut", (1, 512, 4096))]
+    with pytest.raises(ValueError, match="line 2: unknown word 'fade'"):
+        node.execute(clip=clip, script="5s | one\nfade 2s | two")
+
+
+def test_fp8_weights_sample_in_the_manual_cast_dtype(host):
+    from grounded_forcing.nodes import policy, prompts
+
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
+                                                  lora_strength=1.0, weight_dtype="fp8_e4m3fn").args[0]
+    assert model.model.get_dtype() == torch.float8_e4m3fn and model.model.manual_cast_dtype is not None
+    segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(0)), 6)
+    out = nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
+                                     height=32, seed=0, batch_size=1, noise_order="chunk")
+    latents = out.args[0]["samples"]
+    assert latents.shape == (1, 16, 6, 4, 4) and torch.isfinite(latents).all()
+
+
+def test_bf16_model_without_manual_cast_runs_as_on_a_gpu(host, monkeypatch):
+    """On a GPU with bf16, ComfyUI builds the model without manual casting (its patch embedding stays
+    float32); force that on CPU, where ComfyUI would otherwise compute in float32."""
+    import comfy.model_management as mm
+    import comfy.sd
+    from grounded_forcing.nodes import policy, prompts
+
+    monkeypatch.setattr(mm, "unet_manual_cast", lambda *a, **k: None)
+    model = comfy.sd.load_diffusion_model_state_dict(_tiny_wan(), model_options={"dtype": torch.bfloat16})
+    assert model.model.manual_cast_dtype is None and model.model.get_dtype() == torch.bfloat16
+    assert model.model.diffusion_model.patch_embedding.weight.dtype == torch.float32
+    segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(0)), 6)
+    out = host.nodes.NODE_CLASS_MAPPINGS["GFSampler"].execute(
+        model=model, memory=policy.build_memory(), segments=segments, width=32, height=32, seed=0, batch_size=1,
+        noise_order="chunk")
+    latents = out.args[0]["samples"]
+    assert latents.shape == (1, 16, 6, 4, 4) and torch.isfinite(latents).all()
