@@ -184,46 +184,51 @@ class FrameStore:
     """Preallocated raw K/V of every slot and block, plus each slot's clean latent.
 
     keys/values: [layers, B, slots, tokens_per_frame, heads, head_dim]; latents: [B, C, slots, H, W].
-    Allocated on the first write, so batch, dtype and device come from the run.
+    Allocated on the first write, so batch, dtype and device come from the run. K/V are written
+    block by block while a forward runs (:meth:`write_block`), so no forward ever holds the K/V
+    of every block at once.
     """
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, layers: int):
         self.slots = slots
+        self.layers = layers
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.latents: torch.Tensor | None = None
 
-    def _allocate(self, kv: ChunkKV, latent: torch.Tensor, frames: int) -> None:
-        k = kv.keys[0]
-        b, length, heads, dim = k.shape
-        shape = (len(kv.keys), b, self.slots, length // frames, heads, dim)
-        self.keys = k.new_empty(shape)
-        self.values = k.new_empty(shape)
-        self.latents = latent.new_empty(latent.shape[0], latent.shape[1], self.slots, *latent.shape[3:])
+    def put_latent(self, slot: int, latents: torch.Tensor, frame: int) -> None:
+        if self.latents is None:
+            b, c, _, h, w = latents.shape
+            self.latents = latents.new_empty(b, c, self.slots, h, w)
+        self.latents[:, :, slot] = latents[:, :, frame]
 
-    def write(self, slot: int, kv: ChunkKV, frame: int, frames: int, latent: torch.Tensor) -> None:
-        """Store frame ``frame`` of a captured chunk ([B, frames*T, H, D] per block) in ``slot``."""
+    def write_block(self, block: int, slot: int, k: torch.Tensor, v: torch.Tensor, frame: int, frames: int,
+                    alpha: float = 1.0) -> None:
+        """Store frame ``frame`` of a forward's raw K/V ([B, frames*T, H, D]) of one block in ``slot``.
+
+        ``alpha`` < 1 blends instead: K' = (1 - alpha) K_old + alpha K_new, same for V (Eq. 11), in float32.
+        """
         if self.keys is None:
-            self._allocate(kv, latent, frames)
+            b, length, heads, dim = k.shape
+            shape = (self.layers, b, self.slots, length // frames, heads, dim)
+            self.keys, self.values = k.new_empty(shape), k.new_empty(shape)
         t = self.keys.shape[3]
-        for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
-            self.keys[layer, :, slot] = k[:, frame * t:(frame + 1) * t]
-            self.values[layer, :, slot] = v[:, frame * t:(frame + 1) * t]
-        self.latents[:, :, slot] = latent[:, :, frame]
+        for store, new in ((self.keys, k), (self.values, v)):
+            part = new[:, frame * t:(frame + 1) * t]
+            if alpha == 1.0:
+                store[block, :, slot] = part
+            else:
+                old = store[block, :, slot]
+                store[block, :, slot] = torch.lerp(old.float(), part.float(), alpha).to(old.dtype)
 
-    def copy(self, src: int, dst: int) -> None:
-        self.keys[:, :, dst] = self.keys[:, :, src]
-        self.values[:, :, dst] = self.values[:, :, src]
-        self.latents[:, :, dst] = self.latents[:, :, src]
+    def writer(self, writes: list[tuple[int, int, float]], frames: int):
+        """A forward's per-block K/V callback storing (frame in forward, slot, alpha) triples."""
 
-    def blend(self, slot: int, kv: ChunkKV, frame: int, frames: int, alpha: float) -> None:
-        """K' = (1 - alpha) K_old + alpha K_new, same for V (Eq. 11), in float32."""
-        t = self.keys.shape[3]
-        for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
-            for store, new in ((self.keys, k), (self.values, v)):
-                old = store[layer, :, slot]
-                mixed = torch.lerp(old.float(), new[:, frame * t:(frame + 1) * t].float(), alpha)
-                store[layer, :, slot] = mixed.to(old.dtype)
+        def on_kv(block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            for frame, slot, alpha in writes:
+                self.write_block(block, slot, k, v, frame, frames, alpha)
+
+        return on_kv
 
 
 class ContextSource:
@@ -250,6 +255,7 @@ class Memory:
 
     policy: MemoryPolicy
     chunk_frames: int = 3
+    layers: int = 30
     regions: dict[str, list[Frame]] = field(default_factory=dict)
     sealed: set[str] = field(default_factory=set)
     origin: int = 0  # absolute frame whose bounded index would be 0 (moves at a cut)
@@ -264,7 +270,7 @@ class Memory:
         for r in self.policy.regions:
             self._free[r.name] = list(range(slot, slot + r.frames))
             slot += r.frames
-        self.store = FrameStore(slot)
+        self.store = FrameStore(slot, self.layers)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -292,35 +298,52 @@ class Memory:
     def source(self, plan: Plan, rope: RopeTable, rope_kind: str, grid_hw: tuple[int, int]) -> ContextSource:
         if not plan.keys:
             return ContextSource(self.store, [], None)
-        index = torch.tensor(plan.key_index, dtype=torch.long, device=self.store.keys.device)
-        freqs = rope.frequencies(index, grid_hw[0], grid_hw[1], rope_kind)
+        freqs = rope.frequencies(plan.key_index, grid_hw[0], grid_hw[1], rope_kind, self.store.keys.device)
         return ContextSource(self.store, [f.slot for _, f in plan.keys], freqs)
 
     # -- writing -----------------------------------------------------------------------------
 
-    def commit(self, start: int, latents: torch.Tensor, kv: ChunkKV, segment: int) -> dict:
-        """Admit the clean frames of a finished chunk; returns the event parts (evictions, updates)."""
+    def admit(self, start: int, latents: torch.Tensor, segment: int) -> tuple[dict, list[tuple[int, int, float]]]:
+        """Admit the clean frames of a finished chunk into the regions.
+
+        Returns the event parts (evictions, anchor updates) and the (frame, slot, alpha) writes the
+        chunk's cache pass must make (see :meth:`FrameStore.writer`). Slots freed here may still be
+        read as context by that pass: each block writes only after its own attention has run.
+        """
         frames = latents.shape[2]
         evicted: list[int] = []
         updates: list[dict] = []
+        writes: list[tuple[int, int, float]] = []
         for i in range(frames):
             index = start + i
             if self.policy.recache_frames:
                 self.history.append((index, latents[:, :, i].clone()))
                 del self.history[: max(0, len(self.history) - self.policy.recache_frames)]
-            placed = self._place(index, i, frames, latents, kv, segment, evicted)
+            placed, slot = self._place(index, segment, evicted)
             if not placed:
                 raise RuntimeError(
                     f"frame {index} does not fit the '{self.policy.name}' memory "
                     f"(at most {self.policy.max_frames} frames); make the video shorter or pick a windowed policy"
                 )
+            self.store.put_latent(slot, latents, i)
+            writes.append((i, slot, 1.0))
             if self.policy.anchor_region and placed != self.policy.anchor_region:
-                update = self._anchor_update(index, i, frames, latents, kv, segment)
+                update = self._anchor_update(index, i, latents, segment)
                 if update:
                     updates.append(update)
-        return {"evicted": evicted, "gcm_updates": updates}
+                    if update["replaced"] is not None:
+                        writes.append((i, update.pop("slot"), 1.0))
+        return {"evicted": evicted, "gcm_updates": updates}, writes
 
-    def _place(self, index: int, i: int, frames: int, latents, kv, segment: int, evicted: list[int]) -> str:
+    def commit(self, start: int, latents: torch.Tensor, kv: ChunkKV, segment: int) -> dict:
+        """:meth:`admit` plus the writes from K/V captured by a forward (``capture_kv=True``)."""
+        changes, writes = self.admit(start, latents, segment)
+        on_kv = self.store.writer(writes, latents.shape[2])
+        for block, (k, v) in enumerate(zip(kv.keys, kv.values)):
+            on_kv(block, k, v)
+        return changes
+
+    def _place(self, index: int, segment: int, evicted: list[int]) -> tuple[str, int]:
         for r in self.policy.regions:
             held = self.regions[r.name]
             if r.fill == FILL_FIRST:
@@ -337,11 +360,10 @@ class Memory:
                     self._free[r.name].append(old.slot)
                 slot = self._free[r.name].pop(0)
                 held.append(Frame(index, slot, segment))
-            self.store.write(slot, kv, i, frames, latents)
-            return r.name
-        return ""
+            return r.name, slot
+        return "", -1
 
-    def _anchor_update(self, index: int, i: int, frames: int, latents, kv, segment: int) -> dict | None:
+    def _anchor_update(self, index: int, i: int, latents: torch.Tensor, segment: int) -> dict | None:
         """Diversity-aware GCM update (Eq. 6-8) for one newly committed frame."""
         rule = self.policy.candidates
         if rule == "frozen" or self.policy.anchor_region not in self.sealed:
@@ -359,10 +381,9 @@ class Memory:
         if not decision["replace"]:
             return {"frame": index, **decision, "replaced": None}
         target = anchors[decision["target"]]
-        replaced = target.index
-        self.store.write(target.slot, kv, i, frames, latents)
+        self.store.put_latent(target.slot, latents, i)
         anchors[decision["target"]] = Frame(index, target.slot, segment)
-        return {"frame": index, **decision, "replaced": replaced}
+        return {"frame": index, **decision, "replaced": target.index, "slot": target.slot}
 
     def begin_turnover(self) -> None:
         """A prompt switch or cut: the next LTM-turnover worth of frames may become anchors."""

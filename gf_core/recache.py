@@ -2,8 +2,9 @@
 
 Every rule re-encodes cached frames through one ``encode`` call: a forward of clean latents at
 the cache-pass timestep under the new prompt that returns their raw K/V without running the
-head. ``encode(latents [B, C, N, H, W], query_index [N], context, own_keys_from=0)`` -> ChunkKV, where
-``context`` is a :class:`~gf_core.memory.ContextSource` of frames that keep their K/V (or None).
+head. ``encode(latents [B, C, N, H, W], query_index [N], context, own_keys_from=0, on_kv=None)``, where
+``context`` is a :class:`~gf_core.memory.ContextSource` of frames that keep their K/V (or None) and
+``on_kv`` stores each block's new K/V as the forward runs (see ``FrameStore.writer``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .memory import ContextSource, Memory, MemoryPolicy
-from .wan import ChunkKV
 
-Encode = Callable[..., ChunkKV]
+Encode = Callable[..., object]
 SourceFor = Callable[[list[int], list[int]], ContextSource]
 
 TRANSITIONS = ("default", "apr", "hard", "none", "cut")
@@ -84,10 +84,8 @@ def _proximity_recache(memory: Memory, transition: Transition, kind: str, switch
     if not any(alphas):
         return report
     latents = memory.store.latents[:, :, [f.slot for _, f in frames]]
-    kv = encode(latents, plan.key_index, None)
-    for j, ((_, f), a) in enumerate(zip(frames, alphas)):
-        if a > 0:
-            memory.store.blend(f.slot, kv, j, len(frames), a)
+    writes = [(j, f.slot, a) for j, ((_, f), a) in enumerate(zip(frames, alphas)) if a > 0]
+    encode(latents, plan.key_index, None, on_kv=memory.store.writer(writes, len(frames)))
     return report
 
 
@@ -116,17 +114,19 @@ def _longlive_recache(memory: Memory, switch_frame: int, encode: Encode, source_
         own_keys_from = len(window) - (policy.recache_frames - len(sink))
         context = source_for([f.slot for f in sink], [f.index for f in sink])
     latents = torch.stack([lat for _, lat in queries], dim=2)
-    kv = encode(latents, [i for i, _ in queries], context, own_keys_from=own_keys_from)
     position = {index: j for j, (index, _) in enumerate(queries)}
     if not policy.global_sink and switch_frame - n > 0:
         new_sink = [index for index, _ in queries[: len(sink)]]
         for f, index in zip(sink, new_sink):
             f.index = index
-    rewritten = []
+    writes, rewritten = [], []
     for _, f in memory.frames():
         j = position.get(f.index)
         if j is None:
             continue
-        memory.store.write(f.slot, kv, j, len(queries), latents)
+        memory.store.put_latent(f.slot, latents, j)
+        writes.append((j, f.slot, 1.0))
         rewritten.append(f.index)
+    encode(latents, [i for i, _ in queries], context, own_keys_from=own_keys_from,
+           on_kv=memory.store.writer(writes, len(queries)))
     return {"recached": rewritten, "sink": [f.index for f in sink]}

@@ -5,8 +5,8 @@ Every head of dimension D holds D/2 complex pairs, split between time, height an
 position of every latent frame is an input, so a memory policy decides it.
 
 Two numerically different ways to rotate are offered:
-- ``exact``: float64 rotation, cast back, as the reference implementations do;
-- ``fast``: float32 cos/sin tables, rotation in float32 (no float64 on the hot path).
+- ``complex128``: float64 rotation, cast back, as the reference implementations do;
+- ``float32``: complex64 tables and product (no float64 on the hot path).
 """
 
 from __future__ import annotations
@@ -44,53 +44,53 @@ class RopeTable:
         table = self._cache.get(key)
         if table is None:
             angles = self._angles[axis]
-            if kind == "complex128":
-                table = torch.polar(torch.ones_like(angles), angles).to(device)
-            else:  # float32 [positions, pairs, 2] holding cos, sin
-                table = torch.stack([angles.cos(), angles.sin()], dim=-1).float().to(device)
-            self._cache[key] = table
+            table = torch.polar(torch.ones_like(angles), angles)
+            if kind == "float32":
+                table = table.to(torch.complex64)
+            table = self._cache[key] = table.to(device)
         return table
 
-    def frequencies(self, frame_index: torch.Tensor, height: int, width: int, kind: str) -> torch.Tensor:
-        """Per-token rotations for frames at temporal ``frame_index`` [F] on an h x w grid.
+    def frequencies(
+        self, frame_index: list[int] | torch.Tensor, height: int, width: int, kind: str,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Per-token rotations [F*h*w, 1, D/2] for frames at temporal ``frame_index`` on an h x w grid.
 
-        Returns [F*h*w, 1, D/2] complex128 (``kind="complex128"``) or [F*h*w, 1, D/2, 2]
-        float32 cos/sin (``kind="float32"``), tokens in frame-major, row-major order.
+        ``kind`` "complex128" gives the references' float64 rotation, "float32" a complex64 one.
+        Tokens are in frame-major, row-major order. A list of indices is checked on the host, so
+        building the table never waits for the device.
         """
-        index = frame_index.to(torch.long)
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= self.max_positions:
+        if isinstance(frame_index, torch.Tensor):
+            device = device or frame_index.device
+            frame_index = frame_index.tolist()
+        device = torch.device(device or "cpu")
+        bad = [i for i in frame_index if not 0 <= i < self.max_positions]
+        if bad:
             raise ValueError(
-                f"temporal RoPE index {lo if lo < 0 else hi} is outside the table of "
+                f"temporal RoPE index {bad[0]} is outside the table of "
                 f"{self.max_positions} positions; shorten the video or use a bounded-index memory policy"
             )
-        device = index.device
-        frames = index.numel()
+        frames = len(frame_index)
+        index = torch.tensor(frame_index, dtype=torch.long).to(device, non_blocking=True)
         t = self._axis(0, kind, device)[index]
         h = self._axis(1, kind, device)[:height]
         w = self._axis(2, kind, device)[:width]
         shape = (frames, height, width)
-        parts = [
-            t.view(frames, 1, 1, *t.shape[1:]).expand(*shape, *t.shape[1:]),
-            h.view(1, height, 1, *h.shape[1:]).expand(*shape, *h.shape[1:]),
-            w.view(1, 1, width, *w.shape[1:]).expand(*shape, *w.shape[1:]),
-        ]
-        freqs = torch.cat(parts, dim=3)
-        return freqs.reshape(frames * height * width, 1, *freqs.shape[3:])
+        freqs = torch.cat([
+            t.view(frames, 1, 1, -1).expand(*shape, -1),
+            h.view(1, height, 1, -1).expand(*shape, -1),
+            w.view(1, 1, width, -1).expand(*shape, -1),
+        ], dim=3)
+        return freqs.reshape(frames * height * width, 1, -1)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, L, H, D] by per-token ``freqs`` from :meth:`RopeTable.frequencies`.
+    """Rotate ``x`` [B, L, H, D] by per-token complex ``freqs`` from :meth:`RopeTable.frequencies`.
 
-    Adjacent channel pairs (0, 1), (2, 3), ... are the complex numbers, as in Wan. The result
-    has the dtype of ``x``.
+    Adjacent channel pairs (0, 1), (2, 3), ... are the complex numbers, as in Wan. The product is
+    taken in the precision of ``freqs`` (complex128 or complex64); the result has the dtype of ``x``.
     """
     b, length, heads, dim = x.shape
-    if freqs.is_complex():
-        z = torch.view_as_complex(x.to(torch.float64).reshape(b, length, heads, dim // 2, 2))
-        return torch.view_as_real(z * freqs).flatten(3).type_as(x)
-    pairs = x.float().reshape(b, length, heads, dim // 2, 2)
-    re, im = pairs.unbind(-1)
-    cos, sin = freqs.unbind(-1)
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    return out.flatten(3).type_as(x)
+    real = torch.float64 if freqs.dtype == torch.complex128 else torch.float32
+    z = torch.view_as_complex(x.to(real).reshape(b, length, heads, dim // 2, 2))
+    return torch.view_as_real(z * freqs).flatten(3).type_as(x)

@@ -27,7 +27,7 @@ from .memory import ContextSource, Memory, MemoryPolicy, preset
 from .recache import Transition, apply_switch, resolve
 from .rope import RopeTable
 from .sampler import Schedule, renoise, to_x0
-from .wan import AttentionFn, ChunkKV, TextContext, WanConfig, encode_text, forward_chunk, sdpa_attention
+from .wan import AttentionFn, TextContext, WanConfig, encode_text, forward_chunk, sdpa_attention
 
 LATENT_CHANNELS = 16
 SPATIAL_DOWNSCALE = 8  # Wan VAE: 8 pixels per latent pixel
@@ -201,7 +201,7 @@ def stream(
         initial = None
 
     rope = RopeTable(cfg.head_dim)
-    mem = Memory(policy, chunk_frames)
+    mem = Memory(policy, chunk_frames, cfg.num_layers)
     timesteps = schedule.timesteps.to(device)
     sigmas = schedule.sigmas.to(device)
     text: TextContext | None = None
@@ -212,16 +212,13 @@ def stream(
         return encode_text(model, p.expand(batch_size, -1, -1), cfg.text_len)
 
     def encode_frames(latents: torch.Tensor, query_index: list[int], context: ContextSource | None,
-                      own_keys_from: int = 0) -> ChunkKV:
+                      own_keys_from: int = 0, on_kv=None) -> None:
         t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
-        index = torch.tensor(query_index, dtype=torch.long, device=device)
-        _, kv = forward_chunk(model, latents, t, text, context, index, rope, rope_kind, attention,
-                              capture_kv=True, compute_output=False, own_keys_from=own_keys_from)
-        return kv
+        forward_chunk(model, latents, t, text, context, query_index, rope, rope_kind, attention,
+                      compute_output=False, own_keys_from=own_keys_from, on_kv=on_kv)
 
     def source_for(slots: list[int], indices: list[int]) -> ContextSource:
-        idx = torch.tensor(indices, dtype=torch.long, device=device)
-        return ContextSource(mem.store, slots, rope.frequencies(idx, *grid_hw, rope_kind))
+        return ContextSource(mem.store, slots, rope.frequencies(indices, *grid_hw, rope_kind, device))
 
     with torch.inference_mode():
         for c, (start, k) in enumerate(plan):
@@ -234,7 +231,7 @@ def stream(
                 text_segment = k
             attend = mem.plan(start, chunk_frames)
             source = mem.source(attend, rope, rope_kind, grid_hw) if attend.keys else None
-            query = torch.tensor(attend.query_index, dtype=torch.long, device=device)
+            query = attend.query_index
 
             if initial is not None:
                 x = initial[:, start:start + chunk_frames].to(device=device, dtype=dtype)
@@ -251,13 +248,13 @@ def stream(
                                       generator=generator, device=gen_device, dtype=dtype).to(device)
                     eps = eps.view(batch_size, chunk_frames, LATENT_CHANNELS, lat_h, lat_w).permute(0, 2, 1, 3, 4)
                     x = renoise(x0, eps, sigmas[i + 1])
-            t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
-            _, kv = forward_chunk(model, x0, t, text, source, query, rope, rope_kind, attention,
-                                  capture_kv=True, compute_output=False)
             attended = {}
             for (name, f), index in zip(attend.keys, attend.key_index):
                 attended.setdefault(name, []).append([f.index, index])
-            changes = mem.commit(start, x0, kv, k)
+            changes, writes = mem.admit(start, x0, k)
+            t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
+            forward_chunk(model, x0, t, text, source, query, rope, rope_kind, attention,
+                          compute_output=False, on_kv=mem.store.writer(writes, chunk_frames))
             out = x0.to(out_device)
             event = {
                 "chunk": c,

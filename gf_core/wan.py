@@ -12,6 +12,7 @@ Shapes: latents ``[B, C, F, H, W]`` (C = 16, H and W in latent pixels); tokens `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -290,13 +291,14 @@ def forward_chunk(
     timestep: torch.Tensor,
     text: TextContext,
     memory: KeyValueSource | None,
-    query_index: torch.Tensor,
+    query_index: list[int] | torch.Tensor,
     rope: RopeTable,
     rope_kind: str = "complex128",
     attention: AttentionFn = sdpa_attention,
     capture_kv: bool = False,
     compute_output: bool = True,
     own_keys_from: int = 0,
+    on_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor | None, ChunkKV | None]:
     """One causal forward of a chunk of latent frames.
 
@@ -305,11 +307,13 @@ def forward_chunk(
         timestep: [B] diffusion timesteps (fractional; every frame of the chunk shares it).
         text: the prompt's cross-attention K/V from :func:`encode_text`.
         memory: rotated context K/V per block, attended to before the chunk itself.
-        query_index: [F] temporal RoPE index of each frame of the chunk.
+        query_index: temporal RoPE index of each frame of the chunk ([F] list or tensor).
         capture_kv: return the chunk's raw keys and values of every block.
         compute_output: run the head (a cache-writing pass can skip it).
         own_keys_from: the chunk attends to its own frames from this one on (LongLive's recache
             runs frames whose keys it then leaves out).
+        on_kv: called as ``on_kv(block, k, v)`` with the chunk's raw K/V [B, L, H, D] of every block,
+            after that block's attention has read its context (so it may overwrite context slots).
 
     Returns:
         The velocity prediction [B, C, F, H, W] (or None) and the captured K/V (or None).
@@ -321,12 +325,17 @@ def forward_chunk(
     grid = (frames // pt, height // ph, width // pw)
     tokens_per_frame = grid[1] * grid[2]
 
-    h = model.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, dim]
+    patch = model.patch_embedding
+    if patch.weight.dtype == torch.float32 and x.dtype != torch.float32:
+        h = patch(x.float()).to(x.dtype)  # ComfyUI keeps this layer in float32 and runs it so
+    else:
+        h = patch(x)
+    h = h.flatten(2).transpose(1, 2)  # [B, L, dim]
     t = timestep.reshape(b, 1).expand(b, grid[0]).reshape(-1)
     e = model.time_embedding(sinusoid(cfg.freq_dim, t).type_as(h))  # [B*F, dim]
     e0 = model.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, grid[0]))  # [B, F, 6, dim]
 
-    freqs = rope.frequencies(query_index.to(x.device), grid[1], grid[2], rope_kind)
+    freqs = rope.frequencies(query_index, grid[1], grid[2], rope_kind, x.device)
     captured_k: list[torch.Tensor] = []
     captured_v: list[torch.Tensor] = []
     last = len(model.blocks) - 1
@@ -343,6 +352,8 @@ def forward_chunk(
             captured_k.append(k)
             captured_v.append(v)
         if not compute_output and i == last:
+            if on_kv is not None:
+                on_kv(i, k, v)
             break
         q_rot = apply_rope(q, freqs)
         k_rot = apply_rope(k, freqs)
@@ -356,6 +367,9 @@ def forward_chunk(
         else:
             k_all, v_all = k_own, v_own
         y = sa.o(attention(q_rot, k_all, v_all).flatten(2))
+        del k_all, v_all
+        if on_kv is not None:
+            on_kv(i, k, v)
         h = h + (y.unflatten(1, (grid[0], tokens_per_frame)) * gate).flatten(1, 2)
 
         ca = block.cross_attn

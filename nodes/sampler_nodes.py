@@ -8,9 +8,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 import latent_preview
-import torch
 from comfy_api.latest import io
-from torch import nn
 
 from . import sampling
 from .policy import apply_rope, rope_options
@@ -22,34 +20,6 @@ MAX_SIZE = 4096
 def _compute_dtype(base_model):
     """The dtype the layers compute in: the manual-cast dtype for fp8 (or other stored) weights."""
     return base_model.manual_cast_dtype or base_model.get_dtype()
-
-
-class _Float32PatchEmbedding(nn.Module):
-    """ComfyUI keeps Wan's patch embedding in float32 whatever the model dtype and feeds it float32
-    latents (its forward runs ``patch_embedding(x.float()).to(x.dtype)``); do the same here."""
-
-    def __init__(self, conv: nn.Module):
-        super().__init__()
-        self.conv = conv
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.conv.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.float()).to(x.dtype)
-
-
-class _ComfyWanView:
-    """ComfyUI's WanModel as the engine calls it: every submodule as it is, but the patch embedding
-    run in float32 as ComfyUI runs it."""
-
-    def __init__(self, module: nn.Module):
-        self._module = module
-        self.patch_embedding = _Float32PatchEmbedding(module.patch_embedding)
-
-    def __getattr__(self, name: str):
-        return getattr(self._module, name)
 
 
 class GFSampler(io.ComfyNode):
@@ -92,7 +62,7 @@ class GFSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, memory, segments, width: int, height: int, seed: int, batch_size: int,
                 noise_order: str) -> io.NodeOutput:
-        module = _ComfyWanView(model.model.diffusion_model)
+        module = model.model.diffusion_model
         memory, rope_kind = apply_rope(memory, rope_options(model.model_options))
         cfg = sampling.check(module, segments, memory, width, height, batch_size, noise_order)
         dtype = _compute_dtype(model.model)

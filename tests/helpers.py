@@ -94,10 +94,15 @@ class StubKV:
     def latents(self, frames: int) -> torch.Tensor:
         return torch.randn(1, 16, frames, 1, 1, generator=self.g)
 
-    def encode(self, latents: torch.Tensor, query_index: list[int], context: object | None, own_keys_from: int = 0) -> ChunkKV:
+    def encode(self, latents: torch.Tensor, query_index: list[int], context: object | None,
+               own_keys_from: int = 0, on_kv=None) -> ChunkKV:
         """Stands in for the re-encoding forward of a switch: right shape, fresh values."""
         assert len(query_index) == latents.shape[2]
-        return self.kv(latents.shape[2])
+        kv = self.kv(latents.shape[2])
+        if on_kv is not None:
+            for block, (k, v) in enumerate(zip(kv.keys, kv.values)):
+                on_kv(block, k, v)
+        return kv
 
 
 def no_source(slots: list[int], indices: list[int]):

@@ -52,7 +52,7 @@ def _layout(plan) -> tuple[dict[str, list[int]], list[int]]:
 
 
 def test_pinned_end_layout_first_chunks_steady_state_and_cut():
-    mem, stub = Memory(gf.grounded(), 3), StubKV(0)
+    mem, stub = Memory(gf.grounded(), 3, 1), StubKV(0)
     expected = {
         0: ({}, [0, 1, 2]),
         3: ({"gcm": [0, 0, 0]}, [3, 4, 5]),
@@ -83,7 +83,7 @@ def test_pinned_end_layout_first_chunks_steady_state_and_cut():
 
 
 def test_after_gcm_layout():
-    mem, stub = Memory(gf.grounded(layout="after_gcm"), 3), StubKV(1)
+    mem, stub = Memory(gf.grounded(layout="after_gcm"), 3, 1), StubKV(1)
     expected = {
         0: ({}, [0, 1, 2]),
         3: ({"gcm": [0, 0, 0]}, [1, 2, 3]),
@@ -104,7 +104,7 @@ def test_after_gcm_layout():
 
 def test_two_thousand_chunks_stay_bounded():
     policy = gf.grounded()
-    mem, stub = Memory(policy, 3), StubKV(2)
+    mem, stub = Memory(policy, 3, 1), StubKV(2)
     tensors = None
     switches = cuts = updates = 0
     gcm_before: list[int] = []
@@ -146,7 +146,7 @@ def test_two_thousand_chunks_stay_bounded():
 
 
 def test_frozen_gcm_keeps_first_frames():
-    mem, stub = Memory(gf.grounded(candidates="frozen"), 3), StubKV(3)
+    mem, stub = Memory(gf.grounded(candidates="frozen"), 3, 1), StubKV(3)
     for c in range(100):
         if c and c % 20 == 0:
             _switch(mem, stub, "apr", 3 * c)
@@ -155,7 +155,7 @@ def test_frozen_gcm_keeps_first_frames():
     assert mem.snapshot()["ltm"] == list(range(294, 300))
 
     # the same run with every frame a candidate does rewrite the GCM (so the check above can fail)
-    mem, stub = Memory(gf.grounded(candidates="every_frame"), 3), StubKV(3)
+    mem, stub = Memory(gf.grounded(candidates="every_frame"), 3, 1), StubKV(3)
     for c in range(100):
         _commit(mem, stub, 3 * c)
     assert mem.snapshot()["gcm"] != [0, 1, 2]
@@ -163,7 +163,7 @@ def test_frozen_gcm_keeps_first_frames():
 
 
 def test_gcm_not_updated_without_a_switch_by_default():
-    mem, stub = Memory(gf.grounded(), 3), StubKV(4)
+    mem, stub = Memory(gf.grounded(), 3, 1), StubKV(4)
     for c in range(30):
         assert _commit(mem, stub, 3 * c)["gcm_updates"] == []
     assert mem.snapshot()["gcm"] == [0, 1, 2]
@@ -214,7 +214,7 @@ def test_diversity_decision_by_hand():
 
 def test_diversity_update_inside_memory():
     """The update rewrites the target anchor with the candidate's K/V and latent (REFERENCE section 8)."""
-    mem, stub = Memory(gf.grounded(), 3), StubKV(5)
+    mem, stub = Memory(gf.grounded(), 3, 1), StubKV(5)
 
     def frames(*vectors) -> torch.Tensor:
         return torch.stack(vectors, dim=1).view(1, 16, len(vectors), 1, 1)
