@@ -35,3 +35,19 @@ load_pack()
 @pytest.fixture(scope="session")
 def pack():
     return load_pack()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the tiny models are faster so, and parallel jobs do not fight."""
+    from helpers import one_thread
+
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random Wan model (dim 256, 2 blocks), float32."""
+    from helpers import tiny_model
+
+    return tiny_model()

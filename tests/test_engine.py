@@ -15,7 +15,6 @@ from helpers import (
     RUN,
     ForwardCounter,
     initial_noise,
-    one_thread,
     prompt,
     stream_memory,
     tiny_model,
@@ -26,17 +25,6 @@ from gf_core.memory import ContextSource, Memory, self_forcing
 from gf_core.rope import RopeTable, apply_rope, axis_dims
 from gf_core.sampler import renoise, shifted_table, to_x0
 from gf_core.wan import encode_text, forward_chunk
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
 
 # ---------------------------------------------------------------------------------------------
 # 1. chunked generation with the cache == one block-causal full forward

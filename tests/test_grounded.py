@@ -12,23 +12,13 @@ import math
 
 import pytest
 import torch
-from helpers import CFG, RUN, ForwardCounter, StubKV, no_source, one_thread, prompt, stream_memory, tiny_model
+from helpers import CFG, RUN, ForwardCounter, StubKV, no_source, prompt, stream_memory
 
 import gf_core as gf
 from gf_core.memory import Memory, diversity_decision
 from gf_core.recache import apply_switch, proximity_alpha
 from gf_core.rope import RopeTable
 from gf_core.wan import encode_text, forward_chunk
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
 
 
 def _commit(mem: Memory, stub: StubKV, start: int, latents: torch.Tensor | None = None) -> dict:

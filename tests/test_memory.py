@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CFG, GRID, RUN, ForwardCounter, one_thread, prompt, stream_memory, tiny_model
+from helpers import CFG, GRID, RUN, ForwardCounter, prompt, stream_memory
 
 import gf_core as gf
 from gf_core.memory import ContextSource
 from gf_core.rope import RopeTable
 from gf_core.stream import chunk_plan
 from gf_core.wan import encode_text, forward_chunk
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
 
 
 def _pairs(frames) -> list[list[int]]:
