@@ -114,6 +114,15 @@ def validate(
             )
         if k == 0 and seg.transition.kind == "cut":
             raise ValueError("the first segment starts with a cut, but there is nothing to cut from; remove that cut")
+        try:
+            resolve(policy, seg.transition)
+        except ValueError as e:
+            raise ValueError(f"segment {k + 1}: {e}") from None
+    if batch_size > 1 and policy.anchor_region and policy.candidates != "frozen":
+        raise ValueError(
+            f"batch size {batch_size} with the GCM diversity update would let the videos of the batch choose "
+            "each other's anchors; use batch size 1 (queue several runs) or set the GCM update rule to 'frozen'"
+        )
     total = chunk_plan(segments, chunk_frames)[-1][0] + chunk_frames
     if policy.max_frames is not None and total > policy.max_frames:
         raise ValueError(
@@ -165,13 +174,6 @@ def stream(
     dtype = dtype or model_dtype
     device = torch.device(device) if device is not None else model_device
     validate(cfg, segments, policy, height, width, batch_size, chunk_frames)
-    for seg in segments:
-        resolve(policy, seg.transition)
-    if batch_size > 1 and policy.anchor_region and policy.candidates != "frozen":
-        raise ValueError(
-            f"batch size {batch_size} with the GCM diversity update would let the videos of the batch choose "
-            "each other's anchors; use batch size 1 (queue several runs) or set the GCM update rule to 'frozen'"
-        )
     if noise_order not in ("reference", "chunk"):
         raise ValueError(f"unknown noise order '{noise_order}'; use 'reference' or 'chunk'")
     if rope_kind not in ("float32", "complex128"):

@@ -19,7 +19,6 @@ from torch import nn
 
 from ..gf_core import ChunkResult, MemoryPolicy, WanConfig, pixel_frames, stream
 from ..gf_core.latents import to_raw
-from ..gf_core.recache import resolve
 from ..gf_core.stream import LATENT_CHANNELS, chunk_plan, validate
 from .policy import CHUNK_FRAMES
 from .prompts import FPS, Segments
@@ -70,17 +69,6 @@ def check(
     if noise_order not in NOISE_ORDERS:
         raise ValueError(f"unknown noise order '{noise_order}'; use one of {', '.join(NOISE_ORDERS)}")
     validate(cfg, list(segments), memory, height, width, batch_size, CHUNK_FRAMES)
-    # gf_core.stream refuses this when it starts; say it before the model is loaded
-    if batch_size > 1 and memory.anchor_region and memory.candidates != "frozen":
-        raise ValueError(
-            f"batch size {batch_size} with the GCM diversity update would let the videos of the batch choose "
-            "each other's anchors; use batch size 1 (queue several runs) or set gcm_update to 'frozen'"
-        )
-    for k, seg in enumerate(segments):
-        try:
-            resolve(memory, seg.transition)
-        except ValueError as e:
-            raise ValueError(f"segment {k + 1}: {e}") from None
     return cfg
 
 
