@@ -14,6 +14,7 @@ It drives the modules of ComfyUI's ``comfy.ldm.wan.vae.WanVAE`` (``conv2`` and `
 from __future__ import annotations
 
 from collections.abc import Iterator
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -60,3 +61,35 @@ class StreamDecoder:
         """Decode every latent frame of ``z`` [B, 16, F, H, W] in order, yielding each one's pixels."""
         for i in range(z.shape[2]):
             yield self.decode_frame(z[:, :, i:i + 1])
+
+
+class Mp4Writer:
+    """Frames [n, H, W, 3] in [0, 1] appended to an H.264 MP4 as they come (PyAV, ComfyUI's own
+    video library): host memory holds one frame, however long the video. Close it to finish the
+    file; a file closed early (a cancelled run) keeps every frame written so far."""
+
+    def __init__(self, path: str, width: int, height: int, fps: float, crf: int = 16):
+        import av
+
+        self.path = path
+        self.container = av.open(path, mode="w")
+        self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        self.stream.width, self.stream.height = width, height
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.options = {"crf": str(crf)}
+        self.frames = 0
+
+    def write(self, pixels: torch.Tensor) -> None:
+        import av
+
+        data = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        for frame in data:
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            for packet in self.stream.encode(video_frame):
+                self.container.mux(packet)
+            self.frames += 1
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()

@@ -380,7 +380,8 @@ def test_stream_decode_node_makes_the_video_and_png_frames(host):
     )
     z = torch.randn(2, 16, 4, 4, 6, generator=torch.Generator().manual_seed(2))
     node = host.nodes.NODE_CLASS_MAPPINGS["GFStreamDecode"]
-    out = node.execute(samples={"samples": z}, vae=vae, fps=16.0, save_frames=True, filename_prefix="gf/frames")
+    out = node.execute(samples={"samples": z}, vae=vae, fps=16.0, save_frames=True, filename_prefix="gf/frames",
+                       keep_video_in="memory")
     components = out.args[0].get_components()
     with torch.no_grad():
         whole = vae.process_output(model.decode(z)).movedim(1, -1).reshape(-1, 32, 48, 3)
@@ -388,6 +389,15 @@ def test_stream_decode_node_makes_the_video_and_png_frames(host):
     assert torch.allclose(components.images, whole, atol=1e-5)
     pngs = sorted((host.root / "output" / "gf").glob("frames_00001_*.png"))
     assert len(pngs) == 26 and pngs[-1].name == "frames_00001_00025.png"
+    # the default keeps the video in an MP4 written frame by frame: same frames, H.264-compressed
+    filed = node.execute(samples={"samples": z}, vae=vae, fps=16.0, save_frames=False, filename_prefix="gf/x")
+    source = filed.args[0].get_stream_source()
+    assert isinstance(source, str) and source.endswith(".mp4")
+    from_file = filed.args[0].get_components()
+    assert from_file.images.shape == components.images.shape and from_file.frame_rate == 16
+    # H.264 keeps the picture, not every pixel of this noise-like test video: compare per-frame means
+    means = (from_file.images.mean(dim=(1, 2, 3)) - components.images.mean(dim=(1, 2, 3))).abs().max().item()
+    assert means < 0.02, means
     with pytest.raises(ValueError, match="needs the Wan2.1 VAE"):
         node.execute(samples={"samples": z}, vae=SimpleNamespace(first_stage_model=torch.nn.Linear(1, 1)),
                      fps=16.0, save_frames=False, filename_prefix="x")
