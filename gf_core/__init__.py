@@ -4,7 +4,7 @@ Pure torch; never imports ComfyUI. Public API: :func:`generate`, :func:`stream`,
 :class:`Segment`, :class:`Transition`, the memory presets and :mod:`gf_core.checkpoints`.
 """
 
-from .memory import MemoryPolicy, grounded, longlive, preset, self_forcing
+from .memory import MemoryPolicy, context_forcing, grounded, infinity_rope, longlive, preset, self_forcing
 from .recache import Transition
 from .sampler import Schedule
 from .stream import ChunkResult, GenerationResult, Segment, generate, pixel_frames, stream, write_events
@@ -19,8 +19,10 @@ __all__ = [
     "Transition",
     "WanConfig",
     "WanModel",
+    "context_forcing",
     "generate",
     "grounded",
+    "infinity_rope",
     "longlive",
     "pixel_frames",
     "preset",

@@ -2,8 +2,8 @@
 
 A policy names its regions (with capacities and a fill rule), an index rule that gives every
 key frame and the query chunk a temporal RoPE index, an admission rule for anchors and the
-default prompt-switch rule. Self-Forcing, LongLive and Grounded Forcing are configurations of
-:class:`MemoryPolicy`; :class:`Memory` holds the frames, their raw (pre-RoPE) keys and values
+default prompt-switch rule. Self-Forcing, LongLive, Grounded Forcing, Infinity-RoPE and Context
+Forcing are configurations of :class:`MemoryPolicy`; :class:`Memory` holds the frames, their raw (pre-RoPE) keys and values
 and their clean latents, and never knows which method it runs.
 
 Units: every count here is in latent frames; ``tokens_per_frame`` is h * w of the patch grid.
@@ -20,9 +20,11 @@ from .wan import ChunkKV
 
 FILL_FIRST = "first"  # takes the first frames committed and is never evicted (sink, GCM)
 FILL_FIFO = "fifo"  # sliding window of the most recent frames (local window, LTM)
+FILL_PROMOTED = "promoted"  # only frames leaving a sliding region and promoted (Context Forcing's slow memory)
 
-INDEX_RULES = ("absolute", "pinned_end", "after_gcm")
+INDEX_RULES = ("absolute", "pinned_end", "after_gcm", "block_relative", "bounded")
 CANDIDATE_RULES = ("after_switch", "every_frame", "frozen")
+CUT_RULES = ("reset", "rope_cut")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,10 @@ class MemoryPolicy:
     Attributes:
         name: the preset name ("grounded", "longlive", "self_forcing").
         regions: key regions in attention order.
-        index_rule: "absolute" (frame index), "pinned_end" / "after_gcm" (Dual-Reference RoPE).
+        index_rule: "absolute" (frame index), "pinned_end" / "after_gcm" (Dual-Reference RoPE),
+            "block_relative" (Infinity-RoPE: keys 0..n-1 in cache order, the chunk right after them),
+            "bounded" (Context Forcing: first-filled and promoted regions numbered from 0 in order,
+            the sliding region and the chunk pinned to end at ``rope_range - 1``).
         rope_range: every temporal index stays below this (bounded rules only).
         max_frames: the longest video the policy can make (None: unlimited).
         anchor_region: the region the diversity-aware update may rewrite (None: no update).
@@ -48,6 +53,13 @@ class MemoryPolicy:
         alpha_max, proximity_window: APR parameters (Eq. 12); window None means the LTM size.
         global_sink: LongLive's recache keeps the sink's old-prompt K/V.
         recache_frames: LongLive's recache window (its ``local_attn_size``).
+        flush_keep: a "flush" switch keeps the first-filled regions and this many newest sliding frames.
+        cut: what a shot cut does: "reset" (drop the sliding regions, restart indices after the
+            anchors) or "rope_cut" (a flush, then the first chunk after the cut sits at temporal
+            indices ``cut_index``.. far from the retained context: Infinity-RoPE's RoPE Cut).
+        promote_to: the FILL_PROMOTED region that frames leaving the sliding region may enter.
+        tau: a frame is promoted when the cosine similarity of its key to the previous frame's key is below this.
+        promote_every: only the first frame of every ``promote_every``-th chunk is a promotion candidate.
     """
 
     name: str
@@ -62,6 +74,12 @@ class MemoryPolicy:
     proximity_window: float | None = None
     global_sink: bool = True
     recache_frames: int = 0
+    flush_keep: int = 2
+    cut: str = "reset"
+    cut_index: int = 45
+    promote_to: str | None = None
+    tau: float = 0.95
+    promote_every: int = 2
 
     def region(self, name: str) -> Region:
         for r in self.regions:
@@ -89,6 +107,24 @@ class MemoryPolicy:
             raise ValueError(f"alpha_max {self.alpha_max} is outside [0, 1]; 0.8 is the paper's value")
         if self.proximity_window is not None and self.proximity_window < 1:
             raise ValueError(f"D_window {self.proximity_window} is below 1 frame; use the LTM size (6) or more")
+        if self.cut not in CUT_RULES:
+            raise ValueError(f"unknown cut rule '{self.cut}'; use one of {', '.join(CUT_RULES)}")
+        if self.flush_keep < 0:
+            raise ValueError(f"a flush keeping {self.flush_keep} frames is impossible; use 0 or more (2 is Infinity-RoPE's)")
+        if self.cut_index < 0:
+            raise ValueError(f"RoPE cut index {self.cut_index} is negative; use 45 (Infinity-RoPE's)")
+        promoted = [r.name for r in self.regions if r.fill == FILL_PROMOTED]
+        if promoted != ([self.promote_to] if self.promote_to else []):
+            raise ValueError(
+                f"the '{self.name}' policy promotes into {self.promote_to!r} but its promoted regions are {promoted}; "
+                "name exactly one region filled by promotion"
+            )
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"similarity threshold tau {self.tau} is outside [-1, 1]; 0.95 is Context Forcing's value")
+        if self.promote_every < 1:
+            raise ValueError(f"promotion every {self.promote_every} chunks is impossible; use 1 or more (2 is the paper's)")
+        if self.index_rule == "bounded" and self.rope_range is None:
+            raise ValueError("the 'bounded' RoPE index rule needs a RoPE range; set rope_range (21 is the trained length)")
         if self.rope_range is not None:
             need = sum(r.frames for r in self.regions) + chunk_frames
             if self.index_rule != "absolute" and need > self.rope_range:
@@ -147,14 +183,78 @@ def grounded(
     )
 
 
-PRESETS = {"grounded": grounded, "longlive": longlive, "self_forcing": self_forcing}
+def infinity_rope(
+    sink_frames: int = 1,
+    window_frames: int = 6,
+    chunk_frames: int = 3,
+    flush_keep: int = 2,
+    cut_index: int = 45,
+) -> MemoryPolicy:
+    """Infinity-RoPE (training-free, on Self-Forcing weights): a sink plus a sliding window,
+    re-indexed block-relatively every chunk; KV Flush at a prompt switch, RoPE Cut at a shot cut.
+
+    ``window_frames`` counts the sink and the chunk, like the reference's ``local_attn_size`` (6):
+    the sliding region holds ``window_frames - sink_frames - chunk_frames`` committed frames.
+    """
+    return MemoryPolicy(
+        name="infinity_rope",
+        regions=(
+            Region("sink", sink_frames, FILL_FIRST),
+            Region("window", window_frames - sink_frames - chunk_frames, FILL_FIFO),
+        ),
+        index_rule="block_relative",
+        switch="flush",
+        flush_keep=flush_keep,
+        cut="rope_cut",
+        cut_index=cut_index,
+    )
+
+
+def context_forcing(
+    sink_frames: int = 3,
+    slow_frames: int = 12,
+    fast_frames: int = 6,
+    chunk_frames: int = 3,
+    tau: float = 0.95,
+    promote_every: int = 2,
+    rope_range: int | None = None,
+) -> MemoryPolicy:
+    """Context Forcing: attention sink N_s + slow memory N_c (surprisal-promoted keyframes) + fast memory N_l.
+
+    ``fast_frames`` (N_l) counts the chunk being made, so N_s + N_c + N_l = 21 is the whole attention
+    window and every temporal index stays in [0, N_s + N_c + N_l) (Eq. 8); ``rope_range`` defaults to that sum.
+    """
+    return MemoryPolicy(
+        name="context_forcing",
+        regions=(
+            Region("sink", sink_frames, FILL_FIRST),
+            Region("slow", slow_frames, FILL_PROMOTED),
+            Region("fast", fast_frames - chunk_frames, FILL_FIFO),
+        ),
+        index_rule="bounded",
+        rope_range=rope_range if rope_range is not None else sink_frames + slow_frames + fast_frames,
+        switch="none",
+        promote_to="slow",
+        tau=tau,
+        promote_every=promote_every,
+    )
+
+
+PRESETS = {
+    "grounded": grounded,
+    "longlive": longlive,
+    "self_forcing": self_forcing,
+    "infinity_rope": infinity_rope,
+    "context_forcing": context_forcing,
+}
+CHUNK_SIZED = ("longlive", "infinity_rope", "context_forcing")  # presets whose windows count the chunk
 
 
 def preset(name: str, chunk_frames: int = 3, **kwargs) -> MemoryPolicy:
     """A policy by name; windowed presets are sized for ``chunk_frames``."""
     if name not in PRESETS:
         raise ValueError(f"unknown memory policy '{name}'; use one of {', '.join(PRESETS)}")
-    if name == "longlive":
+    if name in CHUNK_SIZED:
         kwargs["chunk_frames"] = chunk_frames
     return PRESETS[name](**kwargs)
 
@@ -261,6 +361,8 @@ class Memory:
     origin: int = 0  # absolute frame whose bounded index would be 0 (moves at a cut)
     candidates_left: int = 0  # frames still eligible for the anchor update
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    cut_at: int | None = None  # first frame of the chunk a RoPE cut moves to ``policy.cut_index``
+    last_key: tuple[int, torch.Tensor] | None = None  # (frame, block-0 raw key) a promotion compares with
 
     def __post_init__(self) -> None:
         self.policy.validate(self.chunk_frames)
@@ -284,6 +386,8 @@ class Memory:
         rule = self.policy.index_rule
         if rule == "absolute":
             return Plan(keys, [f.index for _, f in keys], list(range(start, start + frames)))
+        if rule in ("block_relative", "bounded"):
+            return self._relative_plan(keys, start, frames)
         anchors = [(n, f) for n, f in keys if n == self.policy.anchor_region]
         recent = [(n, f) for n, f in keys if n != self.policy.anchor_region]
         count = len(recent) + frames
@@ -294,6 +398,32 @@ class Memory:
             first = 1 if anchors else 0
         block = list(range(first, first + count))
         return Plan(anchors + recent, [0] * len(anchors) + block[: len(recent)], block[len(recent):])
+
+    def _relative_plan(self, keys: list[tuple[str, Frame]], start: int, frames: int) -> Plan:
+        """Indices of the "block_relative" and "bounded" rules, and of the chunk after a RoPE cut.
+
+        block_relative: every key frame numbered 0..n-1 in attention order, the chunk at n..n+F-1.
+        bounded: the first-filled and promoted regions numbered 0.. in order (sink [0, N_s), slow
+        after it); the sliding region and the chunk consecutive, ending at the chunk's absolute
+        frame while that is below ``rope_range`` and at ``rope_range - 1`` afterwards, but never
+        before the fixed regions end.
+        """
+        if self.policy.index_rule == "block_relative":
+            key_index = list(range(len(keys)))
+            query = list(range(len(keys), len(keys) + frames))
+        else:
+            sliding = {r.name for r in self.policy.regions if r.fill == FILL_FIFO}
+            fixed = [(n, f) for n, f in keys if n not in sliding]
+            recent = [(n, f) for n, f in keys if n in sliding]
+            count = len(recent) + frames
+            last = max(len(fixed) + count - 1, min(self.policy.rope_range - 1, start + frames - 1 - self.origin))
+            block = list(range(last - count + 1, last + 1))
+            keys = fixed + recent
+            key_index = list(range(len(fixed))) + block[: len(recent)]
+            query = block[len(recent):]
+        if start == self.cut_at:
+            query = list(range(self.policy.cut_index, self.policy.cut_index + frames))
+        return Plan(keys, key_index, query)
 
     def source(self, plan: Plan, rope: RopeTable, rope_kind: str, grid_hw: tuple[int, int]) -> ContextSource:
         if not plan.keys:
@@ -313,13 +443,14 @@ class Memory:
         frames = latents.shape[2]
         evicted: list[int] = []
         updates: list[dict] = []
+        promotions: list[dict] = []
         writes: list[tuple[int, int, float]] = []
         for i in range(frames):
             index = start + i
             if self.policy.recache_frames:
                 self.history.append((index, latents[:, :, i].clone()))
                 del self.history[: max(0, len(self.history) - self.policy.recache_frames)]
-            placed, slot = self._place(index, segment, evicted)
+            placed, slot = self._place(index, segment, evicted, promotions)
             if not placed:
                 raise RuntimeError(
                     f"frame {index} does not fit the '{self.policy.name}' memory "
@@ -333,7 +464,10 @@ class Memory:
                     updates.append(update)
                     if update["replaced"] is not None:
                         writes.append((i, update.pop("slot"), 1.0))
-        return {"evicted": evicted, "gcm_updates": updates}, writes
+        changes = {"evicted": evicted, "gcm_updates": updates}
+        if self.policy.promote_to:
+            changes["promotions"] = promotions
+        return changes, writes
 
     def commit(self, start: int, latents: torch.Tensor, kv: ChunkKV, segment: int) -> dict:
         """:meth:`admit` plus the writes from K/V captured by a forward (``capture_kv=True``)."""
@@ -343,9 +477,11 @@ class Memory:
             on_kv(block, k, v)
         return changes
 
-    def _place(self, index: int, segment: int, evicted: list[int]) -> tuple[str, int]:
+    def _place(self, index: int, segment: int, evicted: list[int], promotions: list[dict]) -> tuple[str, int]:
         for r in self.policy.regions:
             held = self.regions[r.name]
+            if r.fill == FILL_PROMOTED:
+                continue
             if r.fill == FILL_FIRST:
                 if r.name in self.sealed:
                     continue
@@ -356,12 +492,77 @@ class Memory:
             else:
                 if len(held) >= r.frames:
                     old = held.pop(0)
-                    evicted.append(old.index)
-                    self._free[r.name].append(old.slot)
+                    if not (self.policy.promote_to and self._promote(old, r.name, evicted, promotions)):
+                        evicted.append(old.index)
+                        self._free[r.name].append(old.slot)
                 slot = self._free[r.name].pop(0)
                 held.append(Frame(index, slot, segment))
             return r.name, slot
         return "", -1
+
+    def _frame_key(self, slot: int) -> torch.Tensor:
+        """The key a promotion compares: the frame's raw key of the first block, whole batch, float32."""
+        return self.store.keys[0, :, slot].float().flatten()
+
+    def _promote(self, old: Frame, source: str, evicted: list[int], promotions: list[dict]) -> bool:
+        """Surprisal-based consolidation (Context Forcing Eq. 7) of a frame leaving ``source``.
+
+        Candidates are the first frames of every ``promote_every``-th chunk; a candidate moves to the
+        promoted region (keeping its slot, so its K/V and latent stay in place) when the cosine
+        similarity of its key to the previous frame's key is below ``tau``. A full promoted region
+        evicts its oldest frame, whose slot goes to ``source``.
+        """
+        policy, chunk = self.policy, self.chunk_frames
+        nxt = old.index + 1  # keep this frame's key if the next frame will be a candidate
+        if nxt % chunk == 0 and (nxt // chunk) % policy.promote_every == 0:
+            self.last_key = (old.index, self._frame_key(old.slot).clone())  # its slot is about to be reused
+        if old.index % chunk or (old.index // chunk) % policy.promote_every:
+            return False
+        previous = None
+        if self.last_key is not None and self.last_key[0] == old.index - 1:
+            previous = self.last_key[1]
+        else:
+            held = [f for _, f in self.frames() if f.index == old.index - 1]
+            if held:
+                previous = self._frame_key(held[0].slot)
+        if previous is None:  # the frame before it was dropped (a cut or flush): no surprisal to measure
+            return False
+        key = self._frame_key(old.slot)
+        similarity = float(torch.nn.functional.cosine_similarity(key, previous, dim=0))
+        promote = similarity < policy.tau
+        promotions.append({"frame": old.index, "similarity": similarity, "promoted": promote})
+        if not promote:
+            return False
+        target, capacity = self.regions[policy.promote_to], policy.region(policy.promote_to).frames
+        if len(target) >= capacity:
+            gone = target.pop(0)
+            evicted.append(gone.index)
+            spare = gone.slot
+        else:
+            spare = self._free[policy.promote_to].pop(0)
+        target.append(old)
+        self._free[source].append(spare)
+        return True
+
+    def flush(self) -> list[int]:
+        """Infinity-RoPE's KV Flush: keep the first-filled and promoted regions and the
+        ``policy.flush_keep`` newest sliding frames; returns the dropped frames."""
+        sliding = [r.name for r in self.policy.regions if r.fill == FILL_FIFO]
+        newest = sorted((f.index for name in sliding for f in self.regions[name]), reverse=True)
+        keep = set(newest[: self.policy.flush_keep])
+        dropped = []
+        for name in sliding:
+            for f in self.regions[name]:
+                if f.index not in keep:
+                    dropped.append(f.index)
+                    self._free[name].append(f.slot)
+            self.regions[name] = [f for f in self.regions[name] if f.index in keep]
+        return sorted(dropped)
+
+    def rope_cut(self, at_frame: int) -> list[int]:
+        """Infinity-RoPE's RoPE Cut: a flush, and the chunk at ``at_frame`` far from the kept context."""
+        self.cut_at = at_frame
+        return self.flush()
 
     def _anchor_update(self, index: int, i: int, latents: torch.Tensor, segment: int) -> dict | None:
         """Diversity-aware GCM update (Eq. 6-8) for one newly committed frame."""
@@ -401,6 +602,7 @@ class Memory:
         anchors = sum(r.frames for r in self.policy.regions if r.fill == FILL_FIRST)
         self.origin = at_frame - anchors
         self.history.clear()
+        self.last_key = None
         return dropped
 
     def snapshot(self) -> dict[str, list[int]]:

@@ -1,4 +1,5 @@
-"""What happens to the cache at a segment boundary: APR, hard recache, text-only, LongLive recache, cut.
+"""What happens to the cache at a segment boundary: APR, hard recache, text-only, LongLive recache,
+Infinity-RoPE's KV flush, and a shot cut (the policy's cut rule).
 
 Every rule re-encodes cached frames through one ``encode`` call: a forward of clean latents at
 the cache-pass timestep under the new prompt that returns their raw K/V without running the
@@ -19,7 +20,7 @@ from .memory import ContextSource, Memory, MemoryPolicy
 Encode = Callable[..., object]
 SourceFor = Callable[[list[int], list[int]], ContextSource]
 
-TRANSITIONS = ("default", "apr", "hard", "none", "cut")
+TRANSITIONS = ("default", "apr", "hard", "none", "flush", "cut")
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,13 @@ def apply_switch(memory: Memory, transition: Transition, switch_frame: int, enco
     """Rewrite the cache for a prompt switch at absolute frame ``switch_frame``; returns the event."""
     kind = resolve(memory.policy, transition)
     event: dict = {"kind": kind, "frame": switch_frame}
-    if kind == "cut":
+    if kind == "cut" and memory.policy.cut == "rope_cut":
+        event["dropped"] = memory.rope_cut(switch_frame)
+        event["query"] = memory.plan(switch_frame, memory.chunk_frames).query_index
+    elif kind == "cut":
         event["dropped"] = memory.reset_recent(switch_frame)
+    elif kind == "flush":
+        event["dropped"] = memory.flush()
     elif kind in ("apr", "hard"):
         event["alpha"] = _proximity_recache(memory, transition, kind, switch_frame, encode)
     elif kind == "longlive":

@@ -16,12 +16,17 @@ class GFDualMemory(io.ComfyNode):
             display_name="GF Dual Memory",
             category=CATEGORY,
             description="The memory the GF Sampler keeps while streaming: Grounded Forcing's Global Consistency "
-                        "Memory + Local Temporal Memory, LongLive's sink + window, or plain Self-Forcing.",
+                        "Memory + Local Temporal Memory, LongLive's sink + window, plain Self-Forcing, "
+                        "Infinity-RoPE's block-relative window or Context Forcing's slow-fast memory.",
             inputs=[
                 io.Combo.Input("policy", options=list(POLICIES), default="grounded",
                                tooltip="grounded: anchors (GCM) + recent frames (LTM) with DR-RoPE and APR. "
                                        "longlive: sink + sliding window, absolute RoPE, KV recache on a switch. "
-                                       "self_forcing: everything cached, stops at 21 latent frames (~5 s)."),
+                                       "self_forcing: everything cached, stops at 21 latent frames (~5 s). "
+                                       "infinity_rope: sink + window re-indexed every chunk, KV flush on a switch, "
+                                       "RoPE cut on a shot cut (Self-Forcing weights, training-free). "
+                                       "context_forcing: sink + slow memory of surprising frames + fast window, "
+                                       "bounded RoPE (meant for Context Forcing weights)."),
                 io.Int.Input("gcm_frames", default=3, min=1, max=18,
                              tooltip="grounded: K, latent frames in the Global Consistency Memory (the anchors)."),
                 io.Int.Input("ltm_frames", default=6, min=1, max=18,
@@ -43,13 +48,44 @@ class GFDualMemory(io.ComfyNode):
                 io.Boolean.Input("global_sink", default=True,
                                  tooltip="longlive: at a prompt switch the sink keeps its old-prompt keys/values "
                                          "(LongLive's default)."),
+                io.Int.Input("irope_sink_frames", default=1, min=1, max=6, optional=True,
+                             tooltip="infinity_rope: latent frames of the sink (rotated at temporal index 0)."),
+                io.Int.Input("irope_window_frames", default=6, min=5, max=60, optional=True,
+                             tooltip="infinity_rope: the attention window in latent frames, counting the sink and "
+                                     "the current chunk (the reference's local_attn_size, 6)."),
+                io.Int.Input("flush_keep", default=2, min=0, max=60, optional=True,
+                             tooltip="infinity_rope: at a prompt switch (KV flush) keep the sink and this many "
+                                     "newest frames (2 in the reference)."),
+                io.Int.Input("cut_index", default=45, min=0, max=1000, optional=True,
+                             tooltip="infinity_rope: at a shot cut the first chunk of the new shot sits at temporal "
+                                     "indices from this one on, far from the kept context (RoPE cut, 45)."),
+                io.Int.Input("cf_sink_frames", default=3, min=1, max=18, optional=True,
+                             tooltip="context_forcing: N_s, latent frames of the attention sink (the first ones)."),
+                io.Int.Input("slow_frames", default=12, min=1, max=60, optional=True,
+                             tooltip="context_forcing: N_c, latent frames of the slow memory (surprising frames "
+                                     "kept long after they leave the fast memory; oldest evicted)."),
+                io.Int.Input("fast_frames", default=6, min=4, max=60, optional=True,
+                             tooltip="context_forcing: N_l, the fast (sliding) memory in latent frames, counting "
+                                     "the current chunk; N_s + N_c + N_l is the RoPE range (21)."),
+                io.Float.Input("tau", default=0.95, min=-1.0, max=1.0, step=0.01, optional=True,
+                               tooltip="context_forcing: a frame enters the slow memory when the cosine similarity "
+                                       "of its key to the previous frame's key is below tau (0.95)."),
+                io.Int.Input("promote_every", default=2, min=1, max=60, optional=True,
+                             tooltip="context_forcing: only the first frame of every n-th chunk may enter the "
+                                     "slow memory (2 in the paper)."),
             ],
             outputs=[Memory.Output(display_name="memory")],
         )
 
     @classmethod
     def execute(cls, policy: str, gcm_frames: int, ltm_frames: int, gcm_update: str, alpha_max: float,
-                d_window: float, sink_frames: int, window_frames: int, global_sink: bool) -> io.NodeOutput:
+                d_window: float, sink_frames: int, window_frames: int, global_sink: bool,
+                irope_sink_frames: int = 1, irope_window_frames: int = 6, flush_keep: int = 2, cut_index: int = 45,
+                cf_sink_frames: int = 3, slow_frames: int = 12, fast_frames: int = 6, tau: float = 0.95,
+                promote_every: int = 2) -> io.NodeOutput:
         memory = build_memory(policy, gcm_frames, ltm_frames, gcm_update, alpha_max, d_window,
-                              sink_frames, window_frames, global_sink)
+                              sink_frames, window_frames, global_sink,
+                              irope_sink_frames=irope_sink_frames, irope_window_frames=irope_window_frames,
+                              flush_keep=flush_keep, cut_index=cut_index, cf_sink_frames=cf_sink_frames,
+                              slow_frames=slow_frames, fast_frames=fast_frames, tau=tau, promote_every=promote_every)
         return io.NodeOutput(memory)

@@ -11,9 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..gf_core import MemoryPolicy, grounded, longlive, self_forcing
+from ..gf_core.memory import context_forcing, infinity_rope
 
 CHUNK_FRAMES = 3  # the chunk size the causal Wan models were trained with
-POLICIES = ("grounded", "longlive", "self_forcing")
+POLICIES = ("grounded", "longlive", "self_forcing", "infinity_rope", "context_forcing")
+OWN_INDEX_RULES = ("infinity_rope", "context_forcing")  # policies whose RoPE indices are part of the method
 GCM_UPDATES = ("after_switch", "every_frame", "frozen")
 
 ROPE_KEY = "grounded_forcing_rope"  # key in model_options["transformer_options"]
@@ -32,12 +34,22 @@ def build_memory(
     sink_frames: int = 3,
     window_frames: int = 12,
     global_sink: bool = True,
+    irope_sink_frames: int = 1,
+    irope_window_frames: int = 6,
+    flush_keep: int = 2,
+    cut_index: int = 45,
+    cf_sink_frames: int = 3,
+    slow_frames: int = 12,
+    fast_frames: int = 6,
+    tau: float = 0.95,
+    promote_every: int = 2,
 ) -> MemoryPolicy:
     """A memory policy from the Dual Memory node's options; raises ValueError with one sentence.
 
     ``d_window`` 0 means the LTM size. ``alpha_max`` / ``d_window`` also apply to explicit
     ``apr`` transitions under the other policies; the GCM and LTM sizes only to ``grounded``,
-    sink / window / global_sink only to ``longlive``.
+    sink / window / global_sink only to ``longlive``, the ``irope_*`` / flush / cut options only
+    to ``infinity_rope``, the ``cf_*`` / slow / fast / tau / promotion options only to ``context_forcing``.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown memory policy '{policy}'; use one of {', '.join(POLICIES)}")
@@ -65,6 +77,32 @@ def build_memory(
             )
         memory = dataclasses.replace(
             longlive(sink_frames=sink_frames, window_frames=window_frames, global_sink=global_sink),
+            alpha_max=alpha_max, proximity_window=window,
+        )
+    elif policy == "infinity_rope":
+        if irope_sink_frames < 1:
+            raise ValueError(f"Infinity-RoPE sink of {irope_sink_frames} frames is below 1; use 1 (the default)")
+        if irope_window_frames - irope_sink_frames - CHUNK_FRAMES < 1:
+            raise ValueError(
+                f"Infinity-RoPE window of {irope_window_frames} frames leaves no room after the sink "
+                f"({irope_sink_frames}) and the chunk ({CHUNK_FRAMES}); use at least "
+                f"{irope_sink_frames + CHUNK_FRAMES + 1}, 6 is the default"
+            )
+        memory = dataclasses.replace(
+            infinity_rope(sink_frames=irope_sink_frames, window_frames=irope_window_frames,
+                          chunk_frames=CHUNK_FRAMES, flush_keep=flush_keep, cut_index=cut_index),
+            alpha_max=alpha_max, proximity_window=window,
+        )
+    elif policy == "context_forcing":
+        if cf_sink_frames < 1 or slow_frames < 1:
+            raise ValueError(f"Context Forcing sink ({cf_sink_frames}) and slow memory ({slow_frames}) need at least "
+                             "1 frame each; use 3 and 12 (the paper's)")
+        if fast_frames - CHUNK_FRAMES < 1:
+            raise ValueError(f"Context Forcing fast memory of {fast_frames} frames leaves no room after the chunk "
+                             f"({CHUNK_FRAMES}); use at least {CHUNK_FRAMES + 1}, 6 is the paper's")
+        memory = dataclasses.replace(
+            context_forcing(sink_frames=cf_sink_frames, slow_frames=slow_frames, fast_frames=fast_frames,
+                            chunk_frames=CHUNK_FRAMES, tau=tau, promote_every=promote_every),
             alpha_max=alpha_max, proximity_window=window,
         )
     else:
@@ -108,10 +146,19 @@ def apply_rope(memory: MemoryPolicy, rope: RopeOptions | None) -> tuple[MemoryPo
     """The policy with the patch's index rule and range, and the RoPE precision for the run.
 
     Without a patch the policy keeps its own rule (DR-RoPE for ``grounded``, absolute for the
-    others) and rotations run in float32.
+    others) and rotations run in float32. Infinity-RoPE and Context Forcing place their own
+    bounded indices (the method is its index rule): a ``dr_rope`` patch sets only the precision,
+    an ``absolute`` one is refused.
     """
     if rope is None:
         return memory, "float32"
+    if memory.name in OWN_INDEX_RULES:
+        if rope.mode == "absolute":
+            raise ValueError(
+                f"the '{memory.name}' memory places its own bounded RoPE indices; set the GF DR-RoPE node's mode "
+                "to dr_rope (only its precision is used) or remove the node"
+            )
+        return memory, rope.precision
     if rope.mode == "absolute":
         patched = dataclasses.replace(memory, index_rule="absolute", rope_range=None)
     else:

@@ -1,0 +1,350 @@
+"""Infinity-RoPE and Context Forcing as memory presets: index layouts, admission and eviction,
+KV flush and RoPE cut, surprisal-based promotion, bounded indices over 2,000 chunks, and a
+short real generation of each on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import RUN, StubKV, no_source, one_thread, prompt, tiny_model
+
+import gf_core as gf
+from gf_core.memory import Memory, context_forcing, infinity_rope, preset
+from gf_core.recache import apply_switch
+from gf_core.wan import ChunkKV
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _commit(mem: Memory, stub: StubKV, start: int, kv: ChunkKV | None = None) -> dict:
+    return mem.commit(start, stub.latents(3), stub.kv(3) if kv is None else kv, segment=0)
+
+
+def _switch(mem: Memory, stub: StubKV, kind: str, start: int) -> dict:
+    return apply_switch(mem, gf.Transition(kind), start, stub.encode, no_source)
+
+
+def _layout(plan) -> tuple[dict[str, list[list[int]]], list[int]]:
+    """{region: [[frame, temporal index], ...]}, query indices."""
+    keys: dict[str, list[list[int]]] = {}
+    for (name, frame), index in zip(plan.keys, plan.key_index):
+        keys.setdefault(name, []).append([frame.index, index])
+    return keys, plan.query_index
+
+
+def _keys(*vectors: list[float]) -> ChunkKV:
+    """A chunk whose frames have the given block-0 keys (1 token, 1 head, head dim 2)."""
+    k = torch.tensor(vectors, dtype=torch.float32).view(1, len(vectors), 1, 2)
+    return ChunkKV([k], [torch.zeros_like(k)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Infinity-RoPE
+
+
+def test_infinity_rope_preset_matches_the_reference_config():
+    policy = infinity_rope()
+    # local_attn_size 6 counts the sink (1) and the chunk (3): 2 frames slide
+    assert [(r.name, r.frames, r.fill) for r in policy.regions] == [("sink", 1, "first"), ("window", 2, "fifo")]
+    assert (policy.index_rule, policy.switch, policy.cut, policy.cut_index, policy.flush_keep) == (
+        "block_relative", "flush", "rope_cut", 45, 2)
+    assert preset("infinity_rope", 3) == policy
+    assert [r.frames for r in preset("infinity_rope", 2).regions] == [1, 3]
+
+
+def test_infinity_rope_block_relative_layout():
+    mem, stub = Memory(infinity_rope(), 3, 1), StubKV(0)
+    expected = {
+        0: ({}, [0, 1, 2]),
+        3: ({"sink": [[0, 0]], "window": [[1, 1], [2, 2]]}, [3, 4, 5]),
+        6: ({"sink": [[0, 0]], "window": [[4, 1], [5, 2]]}, [3, 4, 5]),
+        9: ({"sink": [[0, 0]], "window": [[7, 1], [8, 2]]}, [3, 4, 5]),
+        300: ({"sink": [[0, 0]], "window": [[298, 1], [299, 2]]}, [3, 4, 5]),
+    }
+    for start in range(0, 303, 3):
+        if start in expected:
+            assert _layout(mem.plan(start, 3)) == expected[start], start
+        changes = _commit(mem, stub, start)
+        assert "promotions" not in changes  # the event keeps the existing keys for policies without promotion
+        if start >= 3:  # two window frames and the first of the chunk itself leave a 2-frame window
+            assert changes["evicted"] == [start - 2, start - 1, start]
+    assert mem.snapshot() == {"sink": [0], "window": [301, 302]}
+
+
+def test_infinity_rope_flush_keeps_sink_and_two_newest():
+    # with the reference's window the flush drops nothing: the window already holds the 2 newest frames
+    mem, stub = Memory(infinity_rope(), 3, 1), StubKV(1)
+    for start in range(0, 30, 3):
+        _commit(mem, stub, start)
+    assert _switch(mem, stub, "default", 30) == {"kind": "flush", "frame": 30, "dropped": []}
+    assert _layout(mem.plan(30, 3)) == ({"sink": [[0, 0]], "window": [[28, 1], [29, 2]]}, [3, 4, 5])
+
+    # a wider window: the flush drops all but the 2 newest, the indices stay block-relative
+    mem, stub = Memory(infinity_rope(window_frames=12), 3, 1), StubKV(1)
+    for start in range(0, 30, 3):
+        _commit(mem, stub, start)
+    assert mem.snapshot()["window"] == list(range(22, 30))
+    event = _switch(mem, stub, "default", 30)
+    assert event == {"kind": "flush", "frame": 30, "dropped": list(range(22, 28))}
+    assert mem.snapshot() == {"sink": [0], "window": [28, 29]}
+    assert _layout(mem.plan(30, 3)) == ({"sink": [[0, 0]], "window": [[28, 1], [29, 2]]}, [3, 4, 5])
+    _commit(mem, stub, 30)
+    assert _layout(mem.plan(33, 3)) == ({"sink": [[0, 0]], "window": [[28, 1], [29, 2], [30, 3], [31, 4], [32, 5]]},
+                                        [6, 7, 8])
+    slots = [f.slot for _, f in mem.frames()]
+    assert len(set(slots)) == len(slots) and all(0 <= s < 9 for s in slots)
+
+
+def test_infinity_rope_cut_moves_one_chunk_far_away():
+    mem, stub = Memory(infinity_rope(window_frames=9), 3, 1), StubKV(2)
+    for start in range(0, 30, 3):
+        _commit(mem, stub, start)
+    event = _switch(mem, stub, "cut", 30)
+    assert event == {"kind": "cut", "frame": 30, "dropped": [25, 26, 27], "query": [45, 46, 47]}
+    # the retained context keeps its block-relative indices; the chunk sits at 45-47 for every pass
+    for _ in range(2):
+        assert _layout(mem.plan(30, 3)) == ({"sink": [[0, 0]], "window": [[28, 1], [29, 2]]}, [45, 46, 47])
+    _commit(mem, stub, 30)
+    assert _layout(mem.plan(33, 3)) == ({"sink": [[0, 0]], "window": [[28, 1], [29, 2], [30, 3], [31, 4], [32, 5]]},
+                                        [6, 7, 8])
+    # the other policies keep their reset cut
+    grounded = Memory(gf.grounded(), 3, 1)
+    for start in range(0, 30, 3):
+        _commit(grounded, stub, start)
+    assert _switch(grounded, stub, "cut", 30) == {"kind": "cut", "frame": 30, "dropped": list(range(24, 30))}
+    assert _layout(grounded.plan(30, 3))[1] == [3, 4, 5]
+
+
+def test_flush_is_a_transition_for_any_policy():
+    mem, stub = Memory(gf.grounded(), 3, 1), StubKV(3)
+    for start in range(0, 30, 3):
+        _commit(mem, stub, start)
+    assert _switch(mem, stub, "flush", 30)["dropped"] == [24, 25, 26, 27]
+    assert mem.snapshot() == {"gcm": [0, 1, 2], "ltm": [28, 29]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Context Forcing
+
+
+def test_context_forcing_preset():
+    policy = context_forcing()
+    assert [(r.name, r.frames, r.fill) for r in policy.regions] == [
+        ("sink", 3, "first"), ("slow", 12, "promoted"), ("fast", 3, "fifo")]
+    assert (policy.index_rule, policy.rope_range, policy.tau, policy.promote_every, policy.switch) == (
+        "bounded", 21, 0.95, 2, "none")
+    assert preset("context_forcing", 3) == policy
+    with pytest.raises(ValueError, match="tau 1.5 is outside"):
+        context_forcing(tau=1.5).validate(3)
+    with pytest.raises(ValueError, match="do not fit the RoPE range of 20"):
+        context_forcing(rope_range=20).validate(3)
+
+
+SAME, TURN = [1.0, 0.0], [0.0, 1.0]
+
+
+def test_context_forcing_promotion_and_layout():
+    """Keys chosen by hand: every frame [1, 0] except frame 12 (turned 90 degrees: surprising)."""
+    mem, stub = Memory(context_forcing(), 3, 1), StubKV(4)
+
+    def kv(start: int) -> ChunkKV:
+        return _keys(*[TURN if f == 12 else SAME for f in range(start, start + 3)])
+
+    layouts = {}
+    promotions = {}
+    for start in range(0, 36, 3):
+        layouts[start] = _layout(mem.plan(start, 3))
+        changes = mem.commit(start, stub.latents(3), kv(start), segment=0)
+        promotions[start] = changes["promotions"]
+    # candidates: the first frame of every 2nd chunk (6, 12, 18, ...) when it leaves the fast memory
+    assert promotions[9] == [{"frame": 6, "similarity": 1.0, "promoted": False}]
+    assert promotions[15] == [{"frame": 12, "similarity": 0.0, "promoted": True}]
+    assert promotions[21] == [{"frame": 18, "similarity": 1.0, "promoted": False}]
+    assert [promotions[s] for s in (0, 3, 6, 12, 18)] == [[]] * 5
+    assert mem.snapshot() == {"sink": [0, 1, 2], "slow": [12], "fast": [33, 34, 35]}
+
+    sink = [[0, 0], [1, 1], [2, 2]]
+    assert layouts[0] == ({}, [0, 1, 2])
+    assert layouts[3] == ({"sink": sink}, [3, 4, 5])
+    assert layouts[6] == ({"sink": sink, "fast": [[3, 3], [4, 4], [5, 5]]}, [6, 7, 8])
+    assert layouts[15] == ({"sink": sink, "fast": [[12, 12], [13, 13], [14, 14]]}, [15, 16, 17])
+    # frame 12 promoted: slow at N_s.., fast and the chunk pinned to end at 20
+    assert layouts[18] == ({"sink": sink, "slow": [[12, 3]], "fast": [[15, 15], [16, 16], [17, 17]]}, [18, 19, 20])
+    assert layouts[33] == ({"sink": sink, "slow": [[12, 3]], "fast": [[30, 15], [31, 16], [32, 17]]}, [18, 19, 20])
+
+
+def test_context_forcing_slow_memory_evicts_oldest_and_swaps_slots():
+    policy = context_forcing(slow_frames=2, promote_every=1, tau=0.5)
+    mem, stub = Memory(policy, 3, 1), StubKV(5)
+    for c in range(12):  # alternate the key direction chunk by chunk: every candidate is surprising
+        key = SAME if c % 2 else TURN
+        changes = mem.commit(3 * c, stub.latents(3), _keys(key, key, key), segment=0)
+        if c >= 2:
+            assert [p["frame"] for p in changes["promotions"] if p["promoted"]] == [3 * c - 3]
+        if c >= 4:  # the oldest slow frame goes when the third arrives
+            assert 3 * c - 9 in changes["evicted"]
+        slots = [f.slot for _, f in mem.frames()]
+        assert len(set(slots)) == len(slots) and all(0 <= s < 8 for s in slots)
+    assert mem.snapshot() == {"sink": [0, 1, 2], "slow": [27, 30], "fast": [33, 34, 35]}
+    # a promoted frame keeps its slot, so its K/V is what was committed
+    slot = mem.regions["slow"][-1].slot
+    assert torch.equal(mem.store.keys[0, 0, slot, 0, 0], torch.tensor(TURN))  # frame 30, made by chunk 10
+    # the range shrinks with the memory: N_s + N_c + N_l = 3 + 2 + 6 = 11
+    assert mem.policy.rope_range == 11
+    assert _layout(mem.plan(36, 3)) == ({"sink": [[0, 0], [1, 1], [2, 2]], "slow": [[27, 3], [30, 4]],
+                                        "fast": [[33, 5], [34, 6], [35, 7]]}, [8, 9, 10])
+
+
+def test_context_forcing_cut_keeps_sink_and_slow():
+    policy = context_forcing(promote_every=1, tau=0.5)
+    mem, stub = Memory(policy, 3, 1), StubKV(6)
+    for c in range(10):
+        key = SAME if c % 2 else TURN
+        mem.commit(3 * c, stub.latents(3), _keys(key, key, key), segment=0)
+    slow = mem.snapshot()["slow"]
+    assert slow == list(range(3, 27, 3))
+    event = _switch(mem, stub, "cut", 30)
+    assert event == {"kind": "cut", "frame": 30, "dropped": [27, 28, 29]}
+    assert mem.snapshot() == {"sink": [0, 1, 2], "slow": slow, "fast": []}
+    keys, query = _layout(mem.plan(30, 3))
+    # the sink and slow memory keep 0..10; the new shot's chunk comes right after them
+    assert [i for _, i in keys["sink"] + keys["slow"]] == list(range(11)) and query == [11, 12, 13]
+    # the first chunk of the new shot is not compared with the frame before the cut
+    mem.commit(30, stub.latents(3), _keys(TURN, TURN, TURN), segment=1)
+    assert mem.commit(33, stub.latents(3), _keys(SAME, SAME, SAME), segment=1)["promotions"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded over 2,000 chunks
+
+
+@pytest.mark.parametrize("name", ["infinity_rope", "context_forcing"])
+def test_two_thousand_chunks_stay_bounded(name):
+    policy = preset(name, 3)
+    mem, stub = Memory(policy, 3, 1), StubKV(7)
+    bound = 21 if name == "context_forcing" else 6
+    slots_total = sum(r.frames for r in policy.regions)
+    promoted = cuts = 0
+    tensors = None
+    for c in range(2000):
+        start = 3 * c
+        cut = c and c % 170 == 0
+        if cut:
+            event = _switch(mem, stub, "cut", start)
+            cuts += 1
+        elif c and c % 50 == 0:
+            event = _switch(mem, stub, "default", start)
+            assert event["kind"] == policy.switch
+        plan = mem.plan(start, 3)
+        if cut and name == "infinity_rope":
+            assert plan.query_index == [45, 46, 47] and event["query"] == [45, 46, 47]
+            assert all(0 <= i < bound for i in plan.key_index)
+        else:
+            indices = plan.key_index + plan.query_index
+            assert all(0 <= i < bound for i in indices), (c, indices)
+            assert indices == sorted(set(indices)), (c, indices)  # strictly increasing in attention order
+        assert plan.query_index == list(range(plan.query_index[0], plan.query_index[0] + 3))
+        changes = _commit(mem, stub, start)
+        promoted += sum(p["promoted"] for p in changes.get("promotions", []))
+        for r in policy.regions:
+            assert len(mem.regions[r.name]) <= r.frames
+        slots = [f.slot for _, f in mem.frames()]
+        assert len(set(slots)) == len(slots) and all(0 <= s < slots_total for s in slots)
+        if c == 10:
+            tensors = [(t.data_ptr(), t.shape) for t in (mem.store.keys, mem.store.values, mem.store.latents)]
+    assert [(t.data_ptr(), t.shape) for t in (mem.store.keys, mem.store.values, mem.store.latents)] == tensors
+    assert cuts == 11
+    assert mem.snapshot()["sink"] == list(range(policy.regions[0].frames))
+    if name == "context_forcing":
+        assert promoted > 12 and len(mem.regions["slow"]) == 12  # the slow memory filled and turned over
+        assert mem.store.keys.shape[2] == 18
+
+
+# ---------------------------------------------------------------------------------------------
+# real generations on the tiny model
+
+
+def test_infinity_rope_real_generation(model):
+    segs = [gf.Segment(prompt(0), 12), gf.Segment(prompt(1), 6), gf.Segment(prompt(2), 9, gf.Transition("cut"))]
+    out = gf.generate(model, segs, "infinity_rope", **RUN)
+    events = out.events
+    assert out.latents.shape == (1, 16, 27, 4, 4) and torch.isfinite(out.latents).all()
+    assert [e["switch"] and e["switch"]["kind"] for e in events] == [None] * 4 + ["flush", None, "cut", None, None]
+    assert events[4]["switch"] == {"kind": "flush", "frame": 12, "dropped": []}
+    assert events[6]["switch"] == {"kind": "cut", "frame": 18, "dropped": [], "query": [45, 46, 47]}
+    assert events[6]["rope"] == {"keys": {"sink": [[0, 0]], "window": [[16, 1], [17, 2]]}, "query": [45, 46, 47]}
+    for c, e in enumerate(events):
+        if c >= 2 and c != 6:
+            assert e["rope"] == {"keys": {"sink": [[0, 0]], "window": [[3 * c - 2, 1], [3 * c - 1, 2]]},
+                                 "query": [3, 4, 5]}
+        assert e["memory"]["sink"] == [0]
+    # the default flush keeps exactly the frames the window holds: the same video as a text-only switch
+    none = gf.generate(model, [segs[0], gf.Segment(prompt(1), 6, gf.Transition("none")), segs[2]],
+                       "infinity_rope", **RUN)
+    assert torch.equal(none.latents, out.latents)
+    # the RoPE cut matters: without it (a flush instead) the chunk after the cut differs
+    flushed = gf.generate(model, [segs[0], segs[1], gf.Segment(prompt(2), 9, gf.Transition("flush"))],
+                          "infinity_rope", **RUN)
+    assert torch.equal(flushed.latents[:, :, :18], out.latents[:, :, :18])
+    assert (flushed.latents[:, :, 18:21] - out.latents[:, :, 18:21]).abs().max() > 1e-4
+
+
+def test_context_forcing_real_generation(model):
+    segs = [gf.Segment(prompt(0), 24), gf.Segment(prompt(1), 9), gf.Segment(prompt(2), 6, gf.Transition("cut"))]
+    policy = context_forcing(tau=1.0)  # every candidate is promoted (similarity < 1), so the slow memory fills
+    gen = gf.stream(model, segs, policy, **RUN)
+    events = [c.event for c in gen]
+    assert len(events) == 13
+    for e in events:
+        keys, query = e["rope"]["keys"], e["rope"]["query"]
+        fixed = [i for _, i in keys.get("sink", []) + keys.get("slow", [])]
+        assert fixed == list(range(len(fixed)))
+        block = [i for _, i in keys.get("fast", [])] + query
+        assert block == list(range(block[0], block[0] + len(block))) and block[-1] <= 20
+        assert "promotions" in e
+    assert [p["frame"] for e in events for p in e["promotions"]] == [6, 12, 18, 24]
+    assert events[11]["switch"] == {"kind": "cut", "frame": 33, "dropped": [30, 31, 32]}
+    assert events[11]["memory"]["slow"] == [6, 12, 18, 24]
+    assert events[10]["rope"]["query"] == [18, 19, 20]
+    assert events[11]["rope"] == {"keys": {"sink": [[0, 0], [1, 1], [2, 2]],
+                                           "slow": [[6, 3], [12, 4], [18, 5], [24, 6]]}, "query": [7, 8, 9]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the Dual Memory node's options (plain functions, no ComfyUI)
+
+
+def test_build_memory_new_policies():
+    from grounded_forcing.gf_core import memory as node_memory
+    from grounded_forcing.nodes import policy
+
+    assert policy.build_memory("infinity_rope") == node_memory.infinity_rope()
+    assert policy.build_memory("context_forcing") == node_memory.context_forcing()
+    wide = policy.build_memory("infinity_rope", irope_sink_frames=2, irope_window_frames=10, flush_keep=3,
+                               cut_index=40, alpha_max=0.5)
+    assert [r.frames for r in wide.regions] == [2, 5]
+    assert (wide.flush_keep, wide.cut_index, wide.alpha_max) == (3, 40, 0.5)
+    cf = policy.build_memory("context_forcing", cf_sink_frames=2, slow_frames=8, fast_frames=9, tau=0.9,
+                             promote_every=1)
+    assert [r.frames for r in cf.regions] == [2, 8, 6] and cf.rope_range == 19
+    assert (cf.tau, cf.promote_every) == (0.9, 1)
+    for kwargs, message in (({"irope_window_frames": 4}, "leaves no room"),
+                            ({"fast_frames": 3}, "leaves no room after the chunk"),
+                            ({"slow_frames": 0}, "need at least 1 frame"),
+                            ({"tau": 2.0}, "tau 2.0 is outside")):
+        name = "infinity_rope" if "irope_window_frames" in kwargs else "context_forcing"
+        with pytest.raises(ValueError, match=message):
+            policy.build_memory(name, **kwargs)
+    # their indices are the method: the DR-RoPE patch sets only the precision, absolute is refused
+    memory = policy.build_memory("context_forcing")
+    assert policy.apply_rope(memory, policy.RopeOptions(precision="complex128", rope_range=30)) == (memory, "complex128")
+    with pytest.raises(ValueError, match="places its own bounded RoPE indices"):
+        policy.apply_rope(memory, policy.RopeOptions(mode="absolute"))
