@@ -4,7 +4,16 @@ Pure torch; never imports ComfyUI. Public API: :func:`generate`, :func:`stream`,
 :class:`Segment`, :class:`Transition`, the memory presets and :mod:`gf_core.checkpoints`.
 """
 
-from .memory import MemoryPolicy, context_forcing, grounded, infinity_rope, longlive, preset, self_forcing
+from .memory import (
+    MemoryPolicy,
+    anchor_forcing,
+    context_forcing,
+    grounded,
+    infinity_rope,
+    longlive,
+    preset,
+    self_forcing,
+)
 from .recache import Transition
 from .sampler import Schedule
 from .stream import ChunkResult, GenerationResult, Segment, generate, pixel_frames, stream, write_events
@@ -19,6 +28,7 @@ __all__ = [
     "Transition",
     "WanConfig",
     "WanModel",
+    "anchor_forcing",
     "context_forcing",
     "generate",
     "grounded",

@@ -2,9 +2,10 @@
 
 A policy names its regions (with capacities and a fill rule), an index rule that gives every
 key frame and the query chunk a temporal RoPE index, an admission rule for anchors and the
-default prompt-switch rule. Self-Forcing, LongLive, Grounded Forcing, Infinity-RoPE and Context
-Forcing are configurations of :class:`MemoryPolicy`; :class:`Memory` holds the frames, their raw (pre-RoPE) keys and values
-and their clean latents, and never knows which method it runs.
+default prompt-switch rule. Self-Forcing, LongLive, Grounded Forcing, Infinity-RoPE, Context
+Forcing and Anchor Forcing are configurations of :class:`MemoryPolicy`; :class:`Memory` holds the
+frames, their raw (pre-RoPE) keys and values and their clean latents, and never knows which
+method it runs.
 
 Units: every count here is in latent frames; ``tokens_per_frame`` is h * w of the patch grid.
 """
@@ -21,8 +22,9 @@ from .wan import ChunkKV
 FILL_FIRST = "first"  # takes the first frames committed and is never evicted (sink, GCM)
 FILL_FIFO = "fifo"  # sliding window of the most recent frames (local window, LTM)
 FILL_PROMOTED = "promoted"  # only frames leaving a sliding region and promoted (Context Forcing's slow memory)
+FILL_JUNCTION = "junction"  # the first chunk committed after each prompt switch, kept until the next (Anchor Forcing)
 
-INDEX_RULES = ("absolute", "pinned_end", "after_gcm", "block_relative", "bounded")
+INDEX_RULES = ("absolute", "pinned_end", "after_gcm", "block_relative", "bounded", "tri_region")
 CANDIDATE_RULES = ("after_switch", "every_frame", "frozen")
 CUT_RULES = ("reset", "rope_cut")
 
@@ -44,15 +46,17 @@ class MemoryPolicy:
         index_rule: "absolute" (frame index), "pinned_end" / "after_gcm" (Dual-Reference RoPE),
             "block_relative" (Infinity-RoPE: keys 0..n-1 in cache order, the chunk right after them),
             "bounded" (Context Forcing: first-filled and promoted regions numbered from 0 in order,
-            the sliding region and the chunk pinned to end at ``rope_range - 1``).
+            the sliding region and the chunk pinned to end at ``rope_range - 1``),
+            "tri_region" (Anchor Forcing: "bounded" for the first-filled and sliding regions, a junction
+            region at ``junction_index``.. once its frames have left the sliding region).
         rope_range: every temporal index stays below this (bounded rules only).
         max_frames: the longest video the policy can make (None: unlimited).
         anchor_region: the region the diversity-aware update may rewrite (None: no update).
         candidates: which committed frames may replace an anchor ("after_switch", "every_frame", "frozen").
-        switch: the default prompt-switch rule ("apr", "hard", "none", "longlive").
+        switch: the default prompt-switch rule ("apr", "hard", "none", "longlive", "flush", "anchor").
         alpha_max, proximity_window: APR parameters (Eq. 12); window None means the LTM size.
         global_sink: LongLive's recache keeps the sink's old-prompt K/V.
-        recache_frames: LongLive's recache window (its ``local_attn_size``).
+        recache_frames: the recache window of "longlive" and "anchor" (the references' ``local_attn_size``).
         flush_keep: a "flush" switch keeps the first-filled regions and this many newest sliding frames.
         cut: what a shot cut does: "reset" (drop the sliding regions, restart indices after the
             anchors) or "rope_cut" (a flush, then the first chunk after the cut sits at temporal
@@ -60,6 +64,7 @@ class MemoryPolicy:
         promote_to: the FILL_PROMOTED region that frames leaving the sliding region may enter.
         tau: a frame is promoted when the cosine similarity of its key to the previous frame's key is below this.
         promote_every: only the first frame of every ``promote_every``-th chunk is a promotion candidate.
+        junction_index: the temporal index of the first junction frame ("tri_region" only).
     """
 
     name: str
@@ -80,6 +85,7 @@ class MemoryPolicy:
     promote_to: str | None = None
     tau: float = 0.95
     promote_every: int = 2
+    junction_index: int = 6
 
     def region(self, name: str) -> Region:
         for r in self.regions:
@@ -123,8 +129,23 @@ class MemoryPolicy:
             raise ValueError(f"similarity threshold tau {self.tau} is outside [-1, 1]; 0.95 is Context Forcing's value")
         if self.promote_every < 1:
             raise ValueError(f"promotion every {self.promote_every} chunks is impossible; use 1 or more (2 is the paper's)")
-        if self.index_rule == "bounded" and self.rope_range is None:
-            raise ValueError("the 'bounded' RoPE index rule needs a RoPE range; set rope_range (21 is the trained length)")
+        if self.index_rule in ("bounded", "tri_region") and self.rope_range is None:
+            raise ValueError(f"the '{self.index_rule}' RoPE index rule needs a RoPE range; "
+                             "set rope_range (21 is the trained length)")
+        junctions = [r for r in self.regions if r.fill == FILL_JUNCTION]
+        if len(junctions) > 1:
+            raise ValueError(f"the '{self.name}' policy has {len(junctions)} junction regions; use at most one")
+        if junctions and self.index_rule != "tri_region":
+            raise ValueError(f"a junction region needs the 'tri_region' RoPE index rule, not '{self.index_rule}'")
+        if self.switch == "anchor" and self.recache_frames < 1:
+            raise ValueError("the anchor-guided re-cache needs a recache window; set recache_frames (12 is Anchor Forcing's)")
+        if self.index_rule == "tri_region" and junctions:
+            end = self.junction_index + junctions[0].frames
+            if self.junction_index < 0 or end > self.rope_range:
+                raise ValueError(
+                    f"the junction at temporal indices {self.junction_index}..{end - 1} leaves the RoPE range of "
+                    f"{self.rope_range}; use a junction index from 0 to {self.rope_range - junctions[0].frames}"
+                )
         if self.rope_range is not None:
             need = sum(r.frames for r in self.regions) + chunk_frames
             if self.index_rule != "absolute" and need > self.rope_range:
@@ -240,14 +261,44 @@ def context_forcing(
     )
 
 
+def anchor_forcing(
+    sink_frames: int = 3,
+    window_frames: int = 12,
+    chunk_frames: int = 3,
+    rope_range: int = 21,
+) -> MemoryPolicy:
+    """Anchor Forcing (LongLive weights + its LoRA): sink + junction + local with tri-region RoPE,
+    and the anchor-guided re-cache at a prompt switch.
+
+    ``window_frames`` counts the sink and the chunk, like the reference's ``local_attn_size`` (12):
+    the local region holds ``window_frames - sink_frames - chunk_frames`` committed frames. The
+    junction (the first chunk made under each new prompt) sits at ``rope_range - window_frames - chunk_frames``
+    (6-8), where the reference's ``_apply_cache_updates`` puts it.
+    """
+    return MemoryPolicy(
+        name="anchor_forcing",
+        regions=(
+            Region("sink", sink_frames, FILL_FIRST),
+            Region("junction", chunk_frames, FILL_JUNCTION),
+            Region("local", window_frames - sink_frames - chunk_frames, FILL_FIFO),
+        ),
+        index_rule="tri_region",
+        rope_range=rope_range,
+        switch="anchor",
+        recache_frames=window_frames,
+        junction_index=rope_range - window_frames - chunk_frames,
+    )
+
+
 PRESETS = {
     "grounded": grounded,
     "longlive": longlive,
     "self_forcing": self_forcing,
     "infinity_rope": infinity_rope,
     "context_forcing": context_forcing,
+    "anchor_forcing": anchor_forcing,
 }
-CHUNK_SIZED = ("longlive", "infinity_rope", "context_forcing")  # presets whose windows count the chunk
+CHUNK_SIZED = ("longlive", "infinity_rope", "context_forcing", "anchor_forcing")  # presets whose windows count the chunk
 
 
 def preset(name: str, chunk_frames: int = 3, **kwargs) -> MemoryPolicy:
@@ -363,6 +414,7 @@ class Memory:
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     cut_at: int | None = None  # first frame of the chunk a RoPE cut moves to ``policy.cut_index``
     last_key: tuple[int, torch.Tensor] | None = None  # (frame, block-0 raw key) a promotion compares with
+    junction_open: bool = False  # the next committed chunk fills the junction region
 
     def __post_init__(self) -> None:
         self.policy.validate(self.chunk_frames)
@@ -388,6 +440,8 @@ class Memory:
             return Plan(keys, [f.index for _, f in keys], list(range(start, start + frames)))
         if rule in ("block_relative", "bounded"):
             return self._relative_plan(keys, start, frames)
+        if rule == "tri_region":
+            return self._tri_region_plan(keys, start, frames)
         anchors = [(n, f) for n, f in keys if n == self.policy.anchor_region]
         recent = [(n, f) for n, f in keys if n != self.policy.anchor_region]
         count = len(recent) + frames
@@ -425,6 +479,56 @@ class Memory:
             query = list(range(self.policy.cut_index, self.policy.cut_index + frames))
         return Plan(keys, key_index, query)
 
+    def _tri_region_plan(self, keys: list[tuple[str, Frame]], start: int, frames: int, recent: bool = True) -> Plan:
+        """Anchor Forcing's tri-region indices (its ``rope_enhance`` path) for a block of ``frames`` frames.
+
+        First-filled (sink) frames at 0, 1, ...; the sliding region and the block consecutive, ending
+        at the block's last absolute frame while that is below ``rope_range`` and at ``rope_range - 1``
+        afterwards, never before the sink ends; the junction at ``junction_index``.. (attention order
+        sink | junction | local | block), only once :meth:`junction_active`. ``recent=False`` leaves
+        the sliding region out (a re-cache block that holds those frames itself).
+        """
+        fills = {r.name: r.fill for r in self.policy.regions}
+        fixed = [(n, f) for n, f in keys if fills[n] not in (FILL_FIFO, FILL_JUNCTION)]
+        sliding = [(n, f) for n, f in keys if fills[n] == FILL_FIFO] if recent else []
+        junction = [(n, f) for n, f in keys if fills[n] == FILL_JUNCTION] if self.junction_active(start) else []
+        count = len(sliding) + frames
+        last = max(len(fixed) + count - 1, min(self.policy.rope_range - 1, start + frames - 1 - self.origin))
+        block = list(range(last - count + 1, last + 1))
+        key_index = (list(range(len(fixed))) + [self.policy.junction_index + j for j in range(len(junction))]
+                     + block[: len(sliding)])
+        return Plan(fixed + junction + sliding, key_index, block[len(sliding):])
+
+    def recache_plan(self, start: int, frames: int, keep: list[tuple[str, Frame]]) -> Plan:
+        """Indices of a re-cache block of ``frames`` frames from ``start`` attending to ``keep`` (the
+        frames that keep their K/V) and, when active at ``start``, the junction ("tri_region" only)."""
+        junction = {r.name for r in self.policy.regions if r.fill == FILL_JUNCTION}
+        keys = keep + [(n, f) for n, f in self.frames() if n in junction]
+        return self._tri_region_plan(keys, start, frames, recent=False)
+
+    def junction_active(self, start: int) -> bool:
+        """Whether a block starting at frame ``start`` attends to the junction: once its frames have
+        left the sliding region (the reference's ``switch_frame + local_attn_size - sink_size < start``)."""
+        held = [f for r in self.policy.regions if r.fill == FILL_JUNCTION for f in self.regions[r.name]]
+        if not held:
+            return False
+        sliding = sum(r.frames for r in self.policy.regions if r.fill == FILL_FIFO)
+        return start >= held[0].index + sliding + self.chunk_frames
+
+    def drop_junction(self) -> list[int]:
+        """Empty the junction region (a prompt switch); returns the dropped frames."""
+        dropped = []
+        for r in self.policy.regions:
+            if r.fill == FILL_JUNCTION:
+                dropped += [f.index for f in self.regions[r.name]]
+                self._free[r.name] += [f.slot for f in self.regions[r.name]]
+                self.regions[r.name] = []
+        return dropped
+
+    def open_junction(self) -> None:
+        """The next committed chunk fills the junction region (if the policy has one)."""
+        self.junction_open = any(r.fill == FILL_JUNCTION for r in self.policy.regions)
+
     def source(self, plan: Plan, rope: RopeTable, rope_kind: str, grid_hw: tuple[int, int]) -> ContextSource:
         if not plan.keys:
             return ContextSource(self.store, [], None)
@@ -458,12 +562,15 @@ class Memory:
                 )
             self.store.put_latent(slot, latents, i)
             writes.append((i, slot, 1.0))
+            if self.junction_open:
+                writes += self._fill_junction(index, i, latents, segment)
             if self.policy.anchor_region and placed != self.policy.anchor_region:
                 update = self._anchor_update(index, i, latents, segment)
                 if update:
                     updates.append(update)
                     if update["replaced"] is not None:
                         writes.append((i, update.pop("slot"), 1.0))
+        self.junction_open = False
         changes = {"evicted": evicted, "gcm_updates": updates}
         if self.policy.promote_to:
             changes["promotions"] = promotions
@@ -477,10 +584,22 @@ class Memory:
             on_kv(block, k, v)
         return changes
 
+    def _fill_junction(self, index: int, i: int, latents: torch.Tensor, segment: int) -> list[tuple[int, int, float]]:
+        """Also store frame ``index`` (frame ``i`` of the chunk) in the junction region while it has room;
+        its K/V come from the same cache pass as its sliding-region copy."""
+        writes = []
+        for r in self.policy.regions:
+            if r.fill == FILL_JUNCTION and self._free[r.name]:
+                slot = self._free[r.name].pop(0)
+                self.regions[r.name].append(Frame(index, slot, segment))
+                self.store.put_latent(slot, latents, i)
+                writes.append((i, slot, 1.0))
+        return writes
+
     def _place(self, index: int, segment: int, evicted: list[int], promotions: list[dict]) -> tuple[str, int]:
         for r in self.policy.regions:
             held = self.regions[r.name]
-            if r.fill == FILL_PROMOTED:
+            if r.fill in (FILL_PROMOTED, FILL_JUNCTION):
                 continue
             if r.fill == FILL_FIRST:
                 if r.name in self.sealed:

@@ -1,5 +1,5 @@
 """What happens to the cache at a segment boundary: APR, hard recache, text-only, LongLive recache,
-Infinity-RoPE's KV flush, and a shot cut (the policy's cut rule).
+Infinity-RoPE's KV flush, Anchor Forcing's anchor-guided re-cache, and a shot cut (the policy's cut rule).
 
 Every rule re-encodes cached frames through one ``encode`` call: a forward of clean latents at
 the cache-pass timestep under the new prompt that returns their raw K/V without running the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import ContextSource, Memory, MemoryPolicy
+from .memory import FILL_FIRST, FILL_JUNCTION, ContextSource, Memory, MemoryPolicy
 
 Encode = Callable[..., object]
 SourceFor = Callable[[list[int], list[int]], ContextSource]
@@ -60,6 +60,10 @@ def apply_switch(memory: Memory, transition: Transition, switch_frame: int, enco
     """Rewrite the cache for a prompt switch at absolute frame ``switch_frame``; returns the event."""
     kind = resolve(memory.policy, transition)
     event: dict = {"kind": kind, "frame": switch_frame}
+    if kind != "anchor":
+        dropped = memory.drop_junction()  # a junction is kept until the next switch; the other rules ignore it
+        if dropped:
+            event["junction_dropped"] = dropped
     if kind == "cut" and memory.policy.cut == "rope_cut":
         event["dropped"] = memory.rope_cut(switch_frame)
         event["query"] = memory.plan(switch_frame, memory.chunk_frames).query_index
@@ -71,7 +75,10 @@ def apply_switch(memory: Memory, transition: Transition, switch_frame: int, enco
         event["alpha"] = _proximity_recache(memory, transition, kind, switch_frame, encode)
     elif kind == "longlive":
         event.update(_longlive_recache(memory, switch_frame, encode, source_for))
+    elif kind == "anchor":
+        event.update(_anchor_recache(memory, switch_frame, encode, source_for))
     memory.begin_turnover()
+    memory.open_junction()
     return event
 
 
@@ -136,3 +143,47 @@ def _longlive_recache(memory: Memory, switch_frame: int, encode: Encode, source_
     encode(latents, [i for i, _ in queries], context, own_keys_from=own_keys_from,
            on_kv=memory.store.writer(writes, len(queries)))
     return {"recached": rewritten, "sink": [f.index for f in sink]}
+
+
+def _anchor_recache(memory: Memory, switch_frame: int, encode: Encode, source_for: SourceFor) -> dict:
+    """Anchor Forcing's anchor-guided re-cache (``_recache_after_switch`` with ``rope_enhance`` and the
+    junction "prompt cache" of its interactive pipeline).
+
+    The last ``recache_frames`` (12) clean latents are re-run in one forward at the cache-pass timestep
+    under the new prompt, as a block at tri-region indices (ending at min(20, switch - 1)). When the
+    block does not reach back to the sink, the sink keeps its old-prompt K/V and is context (0..2),
+    and only the newest ``recache_frames - sink`` frames are keys; the junction of the previous
+    prompt is context too (6..8) when it was active at the block's first frame: the warm start.
+    Otherwise (a switch in the first ``recache_frames`` frames) the whole block is re-encoded, sink
+    included, attending only to itself. Every frame the memory still holds in the block gets the new
+    K/V; then the old junction is dropped and the next chunk fills it again.
+    """
+    policy = memory.policy
+    history = memory.history
+    n = min(policy.recache_frames, len(history))
+    if n == 0:
+        return {"recached": [], "junction": [], "junction_dropped": memory.drop_junction()}
+    window = history[len(history) - n:]
+    start = window[0][0]
+    sink = [(name, f) for name, f in memory.frames()
+            if memory.policy.region(name).fill == FILL_FIRST]
+    keep = [(name, f) for name, f in sink if f.index < start]
+    own_keys_from = max(0, n - (policy.recache_frames - len(keep))) if keep else 0
+    plan = memory.recache_plan(start, n, keep)
+    context = None
+    if plan.keys:
+        context = source_for([f.slot for _, f in plan.keys], plan.key_index)
+    latents = torch.stack([lat for _, lat in window], dim=2)
+    position = {index: j for j, (index, _) in enumerate(window)}
+    writes, rewritten = [], []
+    for name, f in memory.frames():
+        j = position.get(f.index)
+        if j is None or memory.policy.region(name).fill == FILL_JUNCTION:
+            continue
+        memory.store.put_latent(f.slot, latents, j)
+        writes.append((j, f.slot, 1.0))
+        rewritten.append(f.index)
+    encode(latents, plan.query_index, context, own_keys_from=own_keys_from,
+           on_kv=memory.store.writer(writes, n))
+    junction = [f.index for name, f in plan.keys if memory.policy.region(name).fill == FILL_JUNCTION]
+    return {"recached": rewritten, "junction": junction, "junction_dropped": memory.drop_junction()}

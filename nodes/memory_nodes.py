@@ -17,7 +17,8 @@ class GFDualMemory(io.ComfyNode):
             category=CATEGORY,
             description="The memory the GF Sampler keeps while streaming: Grounded Forcing's Global Consistency "
                         "Memory + Local Temporal Memory, LongLive's sink + window, plain Self-Forcing, "
-                        "Infinity-RoPE's block-relative window or Context Forcing's slow-fast memory.",
+                        "Infinity-RoPE's block-relative window, Context Forcing's slow-fast memory or Anchor "
+                        "Forcing's sink + junction + local memory.",
             inputs=[
                 io.Combo.Input("policy", options=list(POLICIES), default="grounded",
                                tooltip="grounded: anchors (GCM) + recent frames (LTM) with DR-RoPE and APR. "
@@ -26,7 +27,10 @@ class GFDualMemory(io.ComfyNode):
                                        "infinity_rope: sink + window re-indexed every chunk, KV flush on a switch, "
                                        "RoPE cut on a shot cut (Self-Forcing weights, training-free). "
                                        "context_forcing: sink + slow memory of surprising frames + fast window, "
-                                       "bounded RoPE (meant for Context Forcing weights)."),
+                                       "bounded RoPE (meant for Context Forcing weights). "
+                                       "anchor_forcing: sink + junction (first chunk of each prompt) + local window, "
+                                       "tri-region RoPE below 21, anchor-guided re-cache on a switch "
+                                       "(LongLive base + the Anchor Forcing LoRA)."),
                 io.Int.Input("gcm_frames", default=3, min=1, max=18,
                              tooltip="grounded: K, latent frames in the Global Consistency Memory (the anchors)."),
                 io.Int.Input("ltm_frames", default=6, min=1, max=18,
@@ -73,6 +77,13 @@ class GFDualMemory(io.ComfyNode):
                 io.Int.Input("promote_every", default=2, min=1, max=60, optional=True,
                              tooltip="context_forcing: only the first frame of every n-th chunk may enter the "
                                      "slow memory (2 in the paper)."),
+                io.Int.Input("af_sink_frames", default=3, min=1, max=9, optional=True,
+                             tooltip="anchor_forcing: latent frames of the attention sink (the first chunk, "
+                                     "temporal indices 0..)."),
+                io.Int.Input("af_window_frames", default=12, min=5, max=18, optional=True,
+                             tooltip="anchor_forcing: the attention window in latent frames, counting the sink and "
+                                     "the current chunk (the reference's local_attn_size, 12); the junction sits at "
+                                     "21 - window - 3."),
             ],
             outputs=[Memory.Output(display_name="memory")],
         )
@@ -82,10 +93,11 @@ class GFDualMemory(io.ComfyNode):
                 d_window: float, sink_frames: int, window_frames: int, global_sink: bool,
                 irope_sink_frames: int = 1, irope_window_frames: int = 6, flush_keep: int = 2, cut_index: int = 45,
                 cf_sink_frames: int = 3, slow_frames: int = 12, fast_frames: int = 6, tau: float = 0.95,
-                promote_every: int = 2) -> io.NodeOutput:
+                promote_every: int = 2, af_sink_frames: int = 3, af_window_frames: int = 12) -> io.NodeOutput:
         memory = build_memory(policy, gcm_frames, ltm_frames, gcm_update, alpha_max, d_window,
                               sink_frames, window_frames, global_sink,
                               irope_sink_frames=irope_sink_frames, irope_window_frames=irope_window_frames,
                               flush_keep=flush_keep, cut_index=cut_index, cf_sink_frames=cf_sink_frames,
-                              slow_frames=slow_frames, fast_frames=fast_frames, tau=tau, promote_every=promote_every)
+                              slow_frames=slow_frames, fast_frames=fast_frames, tau=tau, promote_every=promote_every,
+                              af_sink_frames=af_sink_frames, af_window_frames=af_window_frames)
         return io.NodeOutput(memory)

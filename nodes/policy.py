@@ -11,11 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..gf_core import MemoryPolicy, grounded, longlive, self_forcing
-from ..gf_core.memory import context_forcing, infinity_rope
+from ..gf_core.memory import anchor_forcing, context_forcing, infinity_rope
 
 CHUNK_FRAMES = 3  # the chunk size the causal Wan models were trained with
-POLICIES = ("grounded", "longlive", "self_forcing", "infinity_rope", "context_forcing")
-OWN_INDEX_RULES = ("infinity_rope", "context_forcing")  # policies whose RoPE indices are part of the method
+POLICIES = ("grounded", "longlive", "self_forcing", "infinity_rope", "context_forcing", "anchor_forcing")
+OWN_INDEX_RULES = ("infinity_rope", "context_forcing", "anchor_forcing")  # policies whose RoPE indices are part of the method
 GCM_UPDATES = ("after_switch", "every_frame", "frozen")
 
 ROPE_KEY = "grounded_forcing_rope"  # key in model_options["transformer_options"]
@@ -43,13 +43,16 @@ def build_memory(
     fast_frames: int = 6,
     tau: float = 0.95,
     promote_every: int = 2,
+    af_sink_frames: int = 3,
+    af_window_frames: int = 12,
 ) -> MemoryPolicy:
     """A memory policy from the Dual Memory node's options; raises ValueError with one sentence.
 
     ``d_window`` 0 means the LTM size. ``alpha_max`` / ``d_window`` also apply to explicit
     ``apr`` transitions under the other policies; the GCM and LTM sizes only to ``grounded``,
     sink / window / global_sink only to ``longlive``, the ``irope_*`` / flush / cut options only
-    to ``infinity_rope``, the ``cf_*`` / slow / fast / tau / promotion options only to ``context_forcing``.
+    to ``infinity_rope``, the ``cf_*`` / slow / fast / tau / promotion options only to ``context_forcing``,
+    the ``af_*`` options only to ``anchor_forcing``.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown memory policy '{policy}'; use one of {', '.join(POLICIES)}")
@@ -105,6 +108,19 @@ def build_memory(
                             chunk_frames=CHUNK_FRAMES, tau=tau, promote_every=promote_every),
             alpha_max=alpha_max, proximity_window=window,
         )
+    elif policy == "anchor_forcing":
+        if af_sink_frames < 1:
+            raise ValueError(f"Anchor Forcing sink of {af_sink_frames} frames is below 1; use 3 (the default)")
+        if af_window_frames - af_sink_frames - CHUNK_FRAMES < 1:
+            raise ValueError(
+                f"Anchor Forcing window of {af_window_frames} frames leaves no room after the sink "
+                f"({af_sink_frames}) and the chunk ({CHUNK_FRAMES}); use at least "
+                f"{af_sink_frames + CHUNK_FRAMES + 1}, 12 is the default"
+            )
+        memory = dataclasses.replace(
+            anchor_forcing(sink_frames=af_sink_frames, window_frames=af_window_frames, chunk_frames=CHUNK_FRAMES),
+            alpha_max=alpha_max, proximity_window=window,
+        )
     else:
         memory = dataclasses.replace(self_forcing(), alpha_max=alpha_max, proximity_window=window)
     memory.validate(CHUNK_FRAMES)
@@ -146,8 +162,8 @@ def apply_rope(memory: MemoryPolicy, rope: RopeOptions | None) -> tuple[MemoryPo
     """The policy with the patch's index rule and range, and the RoPE precision for the run.
 
     Without a patch the policy keeps its own rule (DR-RoPE for ``grounded``, absolute for the
-    others) and rotations run in float32. Infinity-RoPE and Context Forcing place their own
-    bounded indices (the method is its index rule): a ``dr_rope`` patch sets only the precision,
+    others) and rotations run in float32. Infinity-RoPE, Context Forcing and Anchor Forcing place
+    their own bounded indices (the method is its index rule): a ``dr_rope`` patch sets only the precision,
     an ``absolute`` one is refused.
     """
     if rope is None:

@@ -276,6 +276,25 @@ def test_bare_lora_dict_and_bf16_base(tmp_path: Path, base: dict) -> None:
     assert torch.equal(merged["blocks.0.cross_attn.v.weight"], expected)
 
 
+def test_anchor_forcing_lora_final_pt(tmp_path: Path, base: dict) -> None:
+    # Anchor Forcing's trainer saves exactly LongLive's layout (same _gather_lora_state_dict and
+    # lora_utils): {"generator_lora", "critic_lora", "step"}, PEFT names without the adapter name,
+    # every Linear of every block (q, k, v, o of self- and cross-attention, ffn.0, ffn.2); its
+    # configs/interactive_inference.yaml sets rank = alpha = 256, so the merge scale is 1.
+    raw = peft_lora(seed=21)
+    path = tmp_path / "final.pt"
+    torch.save({"generator_lora": raw, "critic_lora": peft_lora(seed=22), "step": 3000}, path)
+    lora = load_lora(path)
+    assert sorted(lora) == sorted(LORA_MODULES) and len(lora) == 10 * CFG.num_layers
+    assert all(alpha is None for _, _, alpha in lora.values())
+    merged = merge_lora(base, lora)
+    a, b, _ = lora["blocks.1.cross_attn.k"]
+    assert torch.equal(a, raw["base_model.model.blocks.1.cross_attn.k.lora_A.weight"])
+    assert torch.equal(merged["blocks.1.cross_attn.k.weight"], base["blocks.1.cross_attn.k.weight"] + b @ a)
+    assert torch.equal(merge_lora(base, lora, alpha=RANK)["blocks.0.ffn.0.weight"], merged["blocks.0.ffn.0.weight"])
+    assert_loads(merged)
+
+
 def test_peft_adapter_names_and_base_layer_weights(base: dict) -> None:
     # A whole PEFT model's state_dict(): adapter name in the key, frozen base weights alongside.
     raw = {k.replace(".weight", ".default.weight"): v for k, v in peft_lora().items()}

@@ -1,15 +1,17 @@
-"""Infinity-RoPE and Context Forcing as memory presets: index layouts, admission and eviction,
-KV flush and RoPE cut, surprisal-based promotion, bounded indices over 2,000 chunks, and a
-short real generation of each on the tiny model."""
+"""Infinity-RoPE, Context Forcing and Anchor Forcing as memory presets: index layouts, admission
+and eviction, KV flush and RoPE cut, surprisal-based promotion, the junction and the anchor-guided
+re-cache, bounded indices over 2,000 chunks, and a short real generation of each on the tiny model."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from helpers import RUN, StubKV, no_source, one_thread, prompt, tiny_model
 
 import gf_core as gf
-from gf_core.memory import Memory, context_forcing, infinity_rope, preset
+from gf_core.memory import Memory, anchor_forcing, context_forcing, infinity_rope, preset
 from gf_core.recache import apply_switch
 from gf_core.wan import ChunkKV
 
@@ -345,6 +347,260 @@ def test_build_memory_new_policies():
             policy.build_memory(name, **kwargs)
     # their indices are the method: the DR-RoPE patch sets only the precision, absolute is refused
     memory = policy.build_memory("context_forcing")
+    assert policy.apply_rope(memory, policy.RopeOptions(precision="complex128", rope_range=30)) == (memory, "complex128")
+    with pytest.raises(ValueError, match="places its own bounded RoPE indices"):
+        policy.apply_rope(memory, policy.RopeOptions(mode="absolute"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Anchor Forcing
+
+
+class Recorder:
+    """A re-cache ``encode`` and ``source_for`` that remember what they were asked (StubKV values)."""
+
+    def __init__(self, stub: StubKV):
+        self.stub = stub
+        self.calls: list[dict] = []
+
+    def encode(self, latents, query_index, context, own_keys_from=0, on_kv=None):
+        self.calls.append({"frames": latents.shape[2], "query": list(query_index), "context": context,
+                           "own_keys_from": own_keys_from})
+        return self.stub.encode(latents, query_index, context, own_keys_from, on_kv)
+
+    def source_for(self, slots, indices):
+        return {"slots": list(slots), "indices": list(indices)}
+
+
+def _anchor_switch(mem: Memory, rec: Recorder, start: int) -> dict:
+    return apply_switch(mem, gf.Transition(), start, rec.encode, rec.source_for)
+
+
+SINK = [[0, 0], [1, 1], [2, 2]]
+
+
+def test_anchor_forcing_preset_matches_the_reference_config():
+    policy = anchor_forcing()
+    # local_attn_size 12 counts the sink (3) and the chunk (3): 6 committed frames slide
+    assert [(r.name, r.frames, r.fill) for r in policy.regions] == [
+        ("sink", 3, "first"), ("junction", 3, "junction"), ("local", 6, "fifo")]
+    assert (policy.index_rule, policy.rope_range, policy.junction_index, policy.switch, policy.recache_frames) == (
+        "tri_region", 21, 6, "anchor", 12)
+    assert preset("anchor_forcing", 3) == policy
+    assert gf.anchor_forcing is anchor_forcing
+    with pytest.raises(ValueError, match=r"junction at temporal indices -1\.\.1 leaves the RoPE range of 21"):
+        anchor_forcing(window_frames=19).validate(3)
+    with pytest.raises(ValueError, match="leaves the RoPE range of 21"):
+        dataclasses.replace(policy, junction_index=19).validate(3)
+    with pytest.raises(ValueError, match="a junction region needs the 'tri_region' RoPE index rule"):
+        dataclasses.replace(policy, index_rule="bounded").validate(3)
+
+
+def test_anchor_forcing_layout_before_any_switch():
+    mem, stub = Memory(anchor_forcing(), 3, 1), StubKV(10)
+    expected = {
+        0: ({}, [0, 1, 2]),
+        3: ({"sink": SINK}, [3, 4, 5]),
+        6: ({"sink": SINK, "local": [[3, 3], [4, 4], [5, 5]]}, [6, 7, 8]),
+        12: ({"sink": SINK, "local": [[f, f] for f in range(6, 12)]}, [12, 13, 14]),
+        18: ({"sink": SINK, "local": [[f, f] for f in range(12, 18)]}, [18, 19, 20]),
+        # from frame 21 on the local keys and the chunk stay pinned at 12..20
+        21: ({"sink": SINK, "local": [[15 + j, 12 + j] for j in range(6)]}, [18, 19, 20]),
+        300: ({"sink": SINK, "local": [[294 + j, 12 + j] for j in range(6)]}, [18, 19, 20]),
+    }
+    for start in range(0, 303, 3):
+        if start in expected:
+            assert _layout(mem.plan(start, 3)) == expected[start], start
+        changes = _commit(mem, stub, start)
+        if start >= 9:  # LongLive's window: the sink stays, the local region is a FIFO of 6
+            assert changes["evicted"] == [start - 6, start - 5, start - 4]
+    assert mem.snapshot() == {"sink": [0, 1, 2], "junction": [], "local": list(range(297, 303))}
+
+
+def test_anchor_forcing_switch_recache_and_junction():
+    """The reference's interactive run: switches requested at 40 and 80 take effect at 42 and 81."""
+    mem, stub = Memory(anchor_forcing(), 3, 1), StubKV(11)
+    rec = Recorder(stub)
+    for start in range(0, 42, 3):
+        _commit(mem, stub, start)
+    sink_k = mem.store.keys[0, :, 0:3].clone()
+    local_slots = [f.slot for f in mem.regions["local"]]
+
+    # first switch: the last 12 latents (30..41) re-run at 9..20 under the new prompt; the sink keeps
+    # its old K/V as context at 0..2; only the newest 9 are keys; the frames still held get new K/V
+    event = _anchor_switch(mem, rec, 42)
+    assert event == {"kind": "anchor", "frame": 42, "recached": list(range(36, 42)), "junction": [],
+                     "junction_dropped": []}
+    assert rec.calls[-1] == {"frames": 12, "query": list(range(9, 21)),
+                             "context": {"slots": [0, 1, 2], "indices": [0, 1, 2]}, "own_keys_from": 3}
+    assert torch.equal(mem.store.keys[0, :, 0:3], sink_k)
+    assert mem.junction_open and _layout(mem.plan(42, 3)) == (
+        {"sink": SINK, "local": [[36 + j, 12 + j] for j in range(6)]}, [18, 19, 20])
+
+    # the first chunk under the new prompt fills the junction with the K/V of its cache pass
+    kv = stub.kv(3)
+    mem.commit(42, stub.latents(3), kv, segment=1)
+    assert not mem.junction_open and mem.snapshot()["junction"] == [42, 43, 44]
+    junction_slots = [f.slot for f in mem.regions["junction"]]
+    copies = [f.slot for f in mem.regions["local"] if f.index >= 42]
+    assert torch.equal(mem.store.keys[0, :, junction_slots], mem.store.keys[0, :, copies])
+    assert torch.equal(mem.store.keys[0, 0, junction_slots].flatten(), kv.keys[0][0].flatten())
+    assert set(junction_slots).isdisjoint(local_slots + [0, 1, 2])
+
+    # not attended while its frames are still in the local region (45, 48); from 51 on at 6..8
+    for start in (45, 48):
+        assert "junction" not in _layout(mem.plan(start, 3))[0]
+        mem.commit(start, stub.latents(3), stub.kv(3), segment=1)
+    for start in range(51, 81, 3):
+        keys, query = _layout(mem.plan(start, 3))
+        assert keys == {"sink": SINK, "junction": [[42, 6], [43, 7], [44, 8]],
+                        "local": [[start - 6 + j, 12 + j] for j in range(6)]} and query == [18, 19, 20]
+        mem.commit(start, stub.latents(3), stub.kv(3), segment=1)
+
+    # second switch: the junction of the previous prompt warm-starts the re-cache, then is dropped
+    junction_k = mem.store.keys[0, :, junction_slots].clone()
+    event = _anchor_switch(mem, rec, 81)
+    assert event == {"kind": "anchor", "frame": 81, "recached": list(range(75, 81)), "junction": [42, 43, 44],
+                     "junction_dropped": [42, 43, 44]}
+    assert rec.calls[-1]["context"] == {"slots": [0, 1, 2] + junction_slots, "indices": [0, 1, 2, 6, 7, 8]}
+    assert rec.calls[-1]["query"] == list(range(9, 21)) and rec.calls[-1]["own_keys_from"] == 3
+    assert torch.equal(mem.store.keys[0, :, junction_slots], junction_k)  # read, not re-encoded
+    assert mem.snapshot()["junction"] == []
+    assert "junction" not in _layout(mem.plan(81, 3))[0]
+    for start in range(81, 90, 3):
+        mem.commit(start, stub.latents(3), stub.kv(3), segment=2)
+    assert _layout(mem.plan(90, 3))[0]["junction"] == [[81, 6], [82, 7], [83, 8]]
+
+
+def test_anchor_forcing_early_and_short_switches():
+    # a switch within the first 12 frames re-encodes everything, sink included, attending only to itself
+    mem, stub = Memory(anchor_forcing(), 3, 1), StubKV(12)
+    rec = Recorder(stub)
+    for start in range(0, 9, 3):
+        _commit(mem, stub, start)
+    sink_k = mem.store.keys[0, :, 0:3].clone()
+    event = _anchor_switch(mem, rec, 9)
+    assert event["recached"] == list(range(9)) and event["junction"] == []
+    assert rec.calls[-1] == {"frames": 9, "query": list(range(9)), "context": None, "own_keys_from": 0}
+    assert not torch.equal(mem.store.keys[0, :, 0:3], sink_k)
+
+    # a prompt held for less than the local window: its junction never becomes active and is not
+    # context for the next re-cache (the reference tests the junction at the re-cache's first frame)
+    for start in range(9, 30, 3):
+        _commit(mem, stub, start)
+    _anchor_switch(mem, rec, 30)
+    _commit(mem, stub, 30)
+    _commit(mem, stub, 33)
+    event = _anchor_switch(mem, rec, 36)
+    assert event["junction"] == [] and event["junction_dropped"] == [30, 31, 32]
+    assert rec.calls[-1]["context"] == {"slots": [0, 1, 2], "indices": [0, 1, 2]}
+
+    # the other transitions drop the junction too, and the next chunk fills it again
+    for start in range(36, 60, 3):
+        _commit(mem, stub, start)
+    assert mem.snapshot()["junction"] == [36, 37, 38]
+    event = _switch(mem, stub, "cut", 60)
+    assert event["junction_dropped"] == [36, 37, 38] and mem.snapshot()["local"] == []
+    assert _layout(mem.plan(60, 3)) == ({"sink": SINK}, [3, 4, 5])
+    _commit(mem, stub, 60)
+    assert mem.snapshot()["junction"] == [60, 61, 62]
+    assert _switch(mem, stub, "apr", 63)["junction_dropped"] == [60, 61, 62]
+    # policies without a junction report no junction at all
+    assert "junction_dropped" not in _switch(Memory(gf.grounded(), 3, 1), stub, "default", 0)
+
+
+def test_anchor_forcing_two_thousand_chunks_stay_below_21():
+    policy = anchor_forcing()
+    mem, stub = Memory(policy, 3, 1), StubKV(13)
+    rec = Recorder(stub)
+    tensors = None
+    switches = cuts = with_junction = 0
+    last_switch = last_cut = 0
+    for c in range(2000):
+        start = 3 * c
+        if c and c % 170 == 0:
+            _switch(mem, stub, "cut", start)
+            cuts += 1
+            last_switch = last_cut = start
+        elif c and c % 47 == 0:
+            event = _anchor_switch(mem, rec, start)
+            # the last 12 latents, or those made since a cut
+            assert event["kind"] == "anchor" and len(rec.calls[-1]["query"]) == min(12, start - last_cut)
+            assert all(0 <= i < 21 for i in rec.calls[-1]["query"])
+            if rec.calls[-1]["context"]:
+                assert all(0 <= i < 21 for i in rec.calls[-1]["context"]["indices"])
+            switches += 1
+            last_switch = start
+        plan = mem.plan(start, 3)
+        indices = plan.key_index + plan.query_index
+        assert all(0 <= i < 21 for i in indices), (c, indices)
+        assert plan.query_index == list(range(plan.query_index[0], plan.query_index[0] + 3))
+        keys, _ = _layout(plan)
+        if "junction" in keys:
+            with_junction += 1
+            junction = [f for f, _ in keys["junction"]]
+            assert junction == list(range(last_switch, last_switch + 3)) and start >= last_switch + 9
+            assert [i for _, i in keys["junction"]] == [6, 7, 8]
+        elif c > 0 and start >= last_switch + 9 and last_switch > 0:
+            raise AssertionError(f"chunk {c}: the junction of the switch at {last_switch} is missing")
+        if start - mem.origin >= 21:  # steady state: sink | junction | local | chunk strictly increasing
+            assert indices == sorted(set(indices)), (c, indices)
+        _commit(mem, stub, start)
+        for r in policy.regions:
+            assert len(mem.regions[r.name]) <= r.frames
+        slots = [f.slot for _, f in mem.frames()]
+        assert len(set(slots)) == len(slots) and all(0 <= s < 12 for s in slots)
+        assert len(mem.history) <= 12
+        if c == 10:
+            tensors = [(t.data_ptr(), t.shape) for t in (mem.store.keys, mem.store.values, mem.store.latents)]
+    assert [(t.data_ptr(), t.shape) for t in (mem.store.keys, mem.store.values, mem.store.latents)] == tensors
+    assert mem.store.keys.shape[2] == 12 and cuts == 11 and switches > 30 and with_junction > 1500
+    assert mem.snapshot()["sink"] == [0, 1, 2]
+
+
+def test_anchor_forcing_real_generation(model):
+    segs = [gf.Segment(prompt(0), 14), gf.Segment(prompt(1), 25), gf.Segment(prompt(2), 12)]
+    out = gf.generate(model, segs, "anchor_forcing", **RUN)
+    events = out.events
+    assert out.latents.shape == (1, 16, 51, 4, 4) and torch.isfinite(out.latents).all()
+    assert [e["switch"] and e["switch"]["kind"] for e in events] == (
+        [None] * 5 + ["anchor"] + [None] * 7 + ["anchor"] + [None] * 3)
+    assert events[5]["switch"] == {"kind": "anchor", "frame": 15, "recached": [9, 10, 11, 12, 13, 14],
+                                   "junction": [], "junction_dropped": []}
+    assert events[13]["switch"] == {"kind": "anchor", "frame": 39, "recached": list(range(33, 39)),
+                                    "junction": [15, 16, 17], "junction_dropped": [15, 16, 17]}
+    for c, e in enumerate(events):
+        keys, query = e["rope"]["keys"], e["rope"]["query"]
+        assert all(0 <= i < 21 for name in keys for _, i in keys[name]) and max(query) <= 20
+        assert ("junction" in keys) == (8 <= c <= 12 or c >= 16), c
+        if "junction" in keys:
+            assert [i for _, i in keys["junction"]] == [6, 7, 8]
+    assert events[8]["rope"] == {"keys": {"sink": SINK, "junction": [[15, 6], [16, 7], [17, 8]],
+                                          "local": [[18 + j, 12 + j] for j in range(6)]}, "query": [18, 19, 20]}
+    assert events[16]["memory"]["junction"] == [39, 40, 41]
+
+    # the junction is the mechanism: without it the video is the same until it is first attended
+    no_junction = dataclasses.replace(anchor_forcing(), regions=tuple(
+        r for r in anchor_forcing().regions if r.name != "junction"))
+    plain = gf.generate(model, segs, no_junction, **RUN)
+    assert torch.equal(plain.latents[:, :, :24], out.latents[:, :, :24])
+    assert (plain.latents[:, :, 24:27] - out.latents[:, :, 24:27]).abs().max() > 1e-4
+
+
+def test_build_memory_anchor_forcing():
+    from grounded_forcing.gf_core import memory as node_memory
+    from grounded_forcing.nodes import policy
+
+    assert policy.build_memory("anchor_forcing") == node_memory.anchor_forcing()
+    wide = policy.build_memory("anchor_forcing", af_sink_frames=2, af_window_frames=15, alpha_max=0.5)
+    assert [r.frames for r in wide.regions] == [2, 3, 10]
+    assert (wide.junction_index, wide.recache_frames, wide.alpha_max) == (3, 15, 0.5)
+    for kwargs, message in (({"af_window_frames": 6}, "leaves no room"),
+                            ({"af_sink_frames": 0}, "below 1"),
+                            ({"af_window_frames": 19}, "leaves the RoPE range of 21")):
+        with pytest.raises(ValueError, match=message):
+            policy.build_memory("anchor_forcing", **kwargs)
+    memory = policy.build_memory("anchor_forcing")
     assert policy.apply_rope(memory, policy.RopeOptions(precision="complex128", rope_range=30)) == (memory, "complex128")
     with pytest.raises(ValueError, match="places its own bounded RoPE indices"):
         policy.apply_rope(memory, policy.RopeOptions(mode="absolute"))
