@@ -8,22 +8,12 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import RUN, StubKV, no_source, one_thread, prompt, tiny_model
+from helpers import RUN, StubKV, no_source, prompt
 
 import gf_core as gf
 from gf_core.memory import Memory, anchor_forcing, context_forcing, infinity_rope, preset
 from gf_core.recache import apply_switch
 from gf_core.wan import ChunkKV
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
 
 
 def _commit(mem: Memory, stub: StubKV, start: int, kv: ChunkKV | None = None) -> dict:
