@@ -4,7 +4,7 @@ Pure torch; never imports ComfyUI. Public API: :func:`generate`, :func:`stream`,
 :class:`Segment`, :class:`Transition`, the memory presets and :mod:`gf_core.checkpoints`.
 """
 
-from .memory import (
+from .policies import (
     MemoryPolicy,
     anchor_forcing,
     context_forcing,

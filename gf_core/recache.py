@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import FILL_FIRST, FILL_JUNCTION, ContextSource, Memory, MemoryPolicy
+from .memory import ContextSource, Memory
+from .policies import FILL_FIRST, FILL_JUNCTION, MemoryPolicy
 
 Encode = Callable[..., object]
 SourceFor = Callable[[list[int], list[int]], ContextSource]

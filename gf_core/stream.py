@@ -24,7 +24,8 @@ from typing import IO
 import torch
 from torch import nn
 
-from .memory import ContextSource, Memory, MemoryPolicy, preset
+from .memory import ContextSource, Memory
+from .policies import MemoryPolicy, preset
 from .recache import Transition, apply_switch, resolve
 from .rope import RopeTable
 from .sampler import Schedule, renoise, to_x0

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..gf_core import MemoryPolicy, grounded, longlive, self_forcing
-from ..gf_core.memory import anchor_forcing, context_forcing, infinity_rope
+from ..gf_core.policies import anchor_forcing, context_forcing, infinity_rope
 
 CHUNK_FRAMES = 3  # the chunk size the causal Wan models were trained with
 POLICIES = ("grounded", "longlive", "self_forcing", "infinity_rope", "context_forcing", "anchor_forcing")

@@ -21,7 +21,8 @@ from helpers import (
 )
 
 import gf_core as gf
-from gf_core.memory import ContextSource, Memory, self_forcing
+from gf_core.memory import ContextSource, Memory
+from gf_core.policies import self_forcing
 from gf_core.rope import RopeTable, apply_rope, axis_dims
 from gf_core.sampler import renoise, shifted_table, to_x0
 from gf_core.wan import encode_text, forward_chunk

@@ -11,7 +11,8 @@ import torch
 from helpers import RUN, StubKV, no_source, prompt
 
 import gf_core as gf
-from gf_core.memory import Memory, anchor_forcing, context_forcing, infinity_rope, preset
+from gf_core.memory import Memory
+from gf_core.policies import anchor_forcing, context_forcing, infinity_rope, preset
 from gf_core.recache import apply_switch
 from gf_core.wan import ChunkKV
 
@@ -315,11 +316,11 @@ def test_context_forcing_real_generation(model):
 
 
 def test_build_memory_new_policies():
-    from grounded_forcing.gf_core import memory as node_memory
+    from grounded_forcing.gf_core import policies as node_policies
     from grounded_forcing.nodes import policy
 
-    assert policy.build_memory("infinity_rope") == node_memory.infinity_rope()
-    assert policy.build_memory("context_forcing") == node_memory.context_forcing()
+    assert policy.build_memory("infinity_rope") == node_policies.infinity_rope()
+    assert policy.build_memory("context_forcing") == node_policies.context_forcing()
     wide = policy.build_memory("infinity_rope", irope_sink_frames=2, irope_window_frames=10, flush_keep=3,
                                cut_index=40, alpha_max=0.5)
     assert [r.frames for r in wide.regions] == [2, 5]
@@ -578,10 +579,10 @@ def test_anchor_forcing_real_generation(model):
 
 
 def test_build_memory_anchor_forcing():
-    from grounded_forcing.gf_core import memory as node_memory
+    from grounded_forcing.gf_core import policies as node_policies
     from grounded_forcing.nodes import policy
 
-    assert policy.build_memory("anchor_forcing") == node_memory.anchor_forcing()
+    assert policy.build_memory("anchor_forcing") == node_policies.anchor_forcing()
     wide = policy.build_memory("anchor_forcing", af_sink_frames=2, af_window_frames=15, alpha_max=0.5)
     assert [r.frames for r in wide.regions] == [2, 3, 10]
     assert (wide.junction_index, wide.recache_frames, wide.alpha_max) == (3, 15, 0.5)
