@@ -162,7 +162,8 @@ def stream(
     Args:
         model: a module tree with Wan names (``gf_core.wan.WanModel`` or ComfyUI's ``WanModel``).
         segments: the prompts in order, with their lengths in latent frames and transitions.
-        memory: a policy name ("grounded", "longlive", "self_forcing") or a :class:`MemoryPolicy`.
+        memory: a preset name (``gf_core.policies.PRESETS``: "grounded", "longlive", "self_forcing",
+            "anchor_forcing", "infinity_rope", "context_forcing") or a :class:`MemoryPolicy`.
         height, width: pixels (multiples of 16).
         generator: the noise source; default a generator on ``device`` seeded with ``seed``.
         noise: optional initial noise [B, F, 16, H/8, W/8] (reference layout) instead of drawing it.
