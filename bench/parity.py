@@ -1,4 +1,4 @@
-"""Reference parity: this engine against the Self-Forcing and LongLive 1.0 pipelines.
+"""Reference parity: this engine against the Self-Forcing, LongLive 1.0, Infinity-RoPE and Anchor Forcing pipelines.
 
 Both sides get identical random full-size Wan2.1-1.3B weights, identical prompt embeddings and
 identical noise (the same seeded generator, drawn in the reference's order), and the relative
@@ -7,8 +7,10 @@ L2 error of the output latents is reported:
     python bench/parity.py --self-forcing PATH --longlive PATH --dtype fp32,bf16 --out docs/parity.json
 
 Cases: Self-Forcing 21 latent frames; LongLive 120 latent frames; LongLive interactive with
-prompt switches at frames 40 and 80 (global sink). Paths may also come from the environment
-(``GF_SELF_FORCING_PATH``, ``GF_LONGLIVE_PATH``). ``--tiny`` runs a 2-block model on a CPU in a
+prompt switches at frames 40 and 80 (global sink); Infinity-RoPE (sink 1, window 6) 120 frames,
+and interactive with a KV flush at frame 42 and a RoPE cut at frame 84; Anchor Forcing
+interactive with switches at frames 40 and 80. Paths may also come from the environment
+(``GF_SELF_FORCING_PATH``, ``GF_LONGLIVE_PATH``, ``GF_INFINITY_ROPE_PATH``, ``GF_ANCHOR_FORCING_PATH``). ``--tiny`` runs a 2-block model on a CPU in a
 few minutes to check the harness itself. See bench/reference.py for what is substituted.
 """
 
@@ -29,13 +31,23 @@ sys.path.insert(0, ROOT)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = {
-    # name: (reference pipeline, repo, frames, switch frames)
+    # name: (reference pipeline, repo, frames, switch frames[, transition per switch])
     "self_forcing_21": ("self_forcing", "self_forcing", 21, []),
     "longlive_120": ("longlive", "longlive", 120, []),
     "longlive_interactive_120": ("longlive_interactive", "longlive", 120, [40, 80]),
+    "infinity_rope_120": ("infinity_rope", "infinity_rope", 120, []),
+    # Infinity-RoPE switches only at block boundaries: a KV flush, then a RoPE cut (scene cut)
+    "infinity_rope_interactive_120": ("infinity_rope", "infinity_rope", 120, [42, 84], ["flush", "cut"]),
+    "anchor_interactive_120": ("anchor_interactive", "anchor_forcing", 120, [40, 80]),
 }
-TINY_FRAMES = {"self_forcing_21": 6, "longlive_120": 18, "longlive_interactive_120": 18}
+TINY_FRAMES = {"self_forcing_21": 6, "longlive_120": 18, "longlive_interactive_120": 18,
+               "infinity_rope_120": 12, "infinity_rope_interactive_120": 21, "anchor_interactive_120": 30}
 TINY_SWITCHES = [6, 15]
+# the Infinity-RoPE flush copies the last 2 frames of its 6-frame buffer: switch once the buffer is full;
+# Anchor Forcing: one switch requested at 13 (made at 15, a recache that keeps the sink); its junction
+# (frames 15-17) is attended once 13 + 12 - 3 < start, i.e. by the chunks at 24 and 27. The requested
+# frame is not a multiple of 3, where the reference would activate it a chunk later (docs/POLICIES.md).
+TINY_CASE_SWITCHES = {"infinity_rope_interactive_120": [9, 15], "anchor_interactive_120": [13]}
 WEIGHT_SEED, NOISE_SEED = 1234, 42
 
 
@@ -57,10 +69,26 @@ def prompts(count: int) -> dict[str, torch.Tensor]:
 
 
 def case_setup(case: str, tiny: bool):
-    kind, repo, frames, switches = CASES[case]
+    """(kind, repo, frames, switch frames, transition per switch)."""
+    kind, repo, frames, switches, *rest = CASES[case]
+    transitions = rest[0] if rest else ["default"] * len(switches)
     if tiny:
-        frames, switches = TINY_FRAMES[case], (TINY_SWITCHES if switches else [])
-    return kind, repo, frames, switches
+        frames = TINY_FRAMES[case]
+        switches = TINY_CASE_SWITCHES.get(case, TINY_SWITCHES) if switches else []
+        transitions = transitions[:len(switches)]
+    return kind, repo, frames, switches, transitions
+
+
+def engine_policy(kind: str):
+    import gf_core as gf
+
+    if kind == "self_forcing":
+        return gf.self_forcing()
+    if kind == "infinity_rope":
+        return gf.infinity_rope()
+    if kind == "anchor_interactive":
+        return gf.anchor_forcing()
+    return gf.longlive(global_sink=True)
 
 
 def run_side(args) -> None:
@@ -71,7 +99,7 @@ def run_side(args) -> None:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     dtype = DTYPES[args.dtype]
-    kind, _repo, frames, switches = case_setup(args.case, args.tiny)
+    kind, _repo, frames, switches, transitions = case_setup(args.case, args.tiny)
     table = prompts(len(switches) + 1)
     names = list(table)
     sd = random_state_dict(model_config(args.tiny), seed=WEIGHT_SEED, device=device)
@@ -86,14 +114,15 @@ def run_side(args) -> None:
         pipe = reference.build_pipeline(kind, sd, dtype, device, {k: v.to(device, dtype) for k, v in table.items()})
         torch.manual_seed(NOISE_SEED)
         noise = torch.randn([1, frames, 16, 60, 104], device=device, dtype=dtype)
-        latents = reference.run(kind, pipe, noise, names, switches)
+        latents = reference.run(kind, pipe, noise, names, switches, cuts=[t == "cut" for t in transitions])
     else:
         import gf_core as gf
 
         model = gf.WanModel.from_state_dict(sd, dtype=dtype, device=device)
-        policy = gf.self_forcing() if kind == "self_forcing" else gf.longlive(global_sink=True)
+        policy = engine_policy(kind)
         bounds = [0, *switches, frames]
-        segments = [gf.Segment(table[names[i]], bounds[i + 1] - bounds[i], gf.Transition("default"))
+        kinds = ["default", *transitions]
+        segments = [gf.Segment(table[names[i]], bounds[i + 1] - bounds[i], gf.Transition(kinds[i]))
                     for i in range(len(bounds) - 1)]
         generator = torch.Generator(device=device).manual_seed(NOISE_SEED)
         result = gf.generate(model, segments, policy, generator=generator, noise_order="reference",
@@ -113,6 +142,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--self-forcing", default=os.environ.get("GF_SELF_FORCING_PATH"), help="Self-Forcing checkout")
     ap.add_argument("--longlive", default=os.environ.get("GF_LONGLIVE_PATH"), help="LongLive checkout (branch v1.0)")
+    ap.add_argument("--infinity-rope", default=os.environ.get("GF_INFINITY_ROPE_PATH"),
+                    help="Infinity-RoPE checkout (yesiltepe-hidir/infinity-rope)")
+    ap.add_argument("--anchor-forcing", default=os.environ.get("GF_ANCHOR_FORCING_PATH"),
+                    help="Anchor Forcing checkout (vivoCameraResearch/Anchor-Forcing)")
     ap.add_argument("--case", default="all", help=f"comma list of {', '.join(CASES)} or 'all'")
     ap.add_argument("--dtype", default="fp32,bf16")
     ap.add_argument("--rope", default="complex128", help="engine RoPE precision: complex128 or float32")
@@ -128,7 +161,8 @@ def main() -> None:
         run_side(args)
         return
 
-    checkouts = {"self_forcing": args.self_forcing, "longlive": args.longlive}
+    checkouts = {"self_forcing": args.self_forcing, "longlive": args.longlive,
+                 "infinity_rope": args.infinity_rope, "anchor_forcing": args.anchor_forcing}
     cases = list(CASES) if args.case == "all" else args.case.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +181,10 @@ def main() -> None:
                     subprocess.run(cmd, check=True)
                     outputs[side] = torch.load(path, weights_only=True)
                 ref, eng = outputs["reference"]["latents"], outputs["engine"]["latents"]
+                _, _, _, switches, transitions = case_setup(case, args.tiny)
                 row = {
                     "case": case, "dtype": dt, "frames": ref.shape[1], "rope": args.rope, "tf32": args.tf32,
+                    "switches": switches, "transitions": transitions,
                     "rel_l2": compare(eng, ref), "max_abs": float((eng - ref).abs().max()),
                     "reference_s": round(outputs["reference"]["seconds"], 2),
                     "engine_s": round(outputs["engine"]["seconds"], 2),

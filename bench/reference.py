@@ -1,7 +1,9 @@
-"""Run the public research pipelines (Self-Forcing, LongLive 1.0) from a checkout, unchanged.
+"""Run the public research pipelines (Self-Forcing, LongLive 1.0, Infinity-RoPE, Anchor Forcing)
+from a checkout, unchanged.
 
 The checkouts are never part of this repository: point ``GF_SELF_FORCING_PATH`` /
-``GF_LONGLIVE_PATH`` (or ``--self-forcing`` / ``--longlive``) at them. Only plumbing around the
+``GF_LONGLIVE_PATH`` / ``GF_INFINITY_ROPE_PATH`` / ``GF_ANCHOR_FORCING_PATH`` (or
+``--self-forcing`` / ``--longlive`` / ``--infinity-rope`` / ``--anchor-forcing``) at them. Only plumbing around the
 reference math is replaced, identically for both sides of every comparison:
 - ``diffusers``' ModelMixin/ConfigMixin (config registry only) by ``nn.Module`` and a no-op
   decorator, so no diffusers install is needed;
@@ -9,13 +11,16 @@ reference math is replaced, identically for both sides of every comparison:
 - the umT5 text encoder (and its tokenizer module) and the VAE by pass-throughs (prompt embeddings in, latents out);
 - flash-attn (not installed) by PyTorch SDPA in the input dtype (``attention_fn``), the same
   kernel the engine under test uses;
-- on a machine without CUDA, the GPU-memory helper modules (import-time ``cuda`` calls).
-Each reference runs in a fresh interpreter (both repos use the package names ``wan``/``utils``).
+- on a machine without CUDA, the GPU-memory helper modules (import-time ``cuda`` calls);
+- Anchor Forcing imports ``matplotlib`` and ``torchvision.io.write_video`` (plots and debug video
+  dumps, unused at inference): stubbed when they are not installed.
+Each reference runs in a fresh interpreter (all repos use the package names ``wan``/``utils``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -58,7 +63,7 @@ def _package(name: str, path: str) -> None:
 
 def prepare_imports(checkout: str) -> None:
     if not os.path.isdir(os.path.join(checkout, "wan", "modules")):
-        raise SystemExit(f"{checkout} is not a Self-Forcing/LongLive checkout (no wan/modules); fix the path")
+        raise SystemExit(f"{checkout} is not a Self-Forcing-derived checkout (no wan/modules); fix the path")
     sys.path.insert(0, checkout)
     _package("wan", os.path.join(checkout, "wan"))
     _package("wan.modules", os.path.join(checkout, "wan", "modules"))
@@ -83,6 +88,12 @@ def prepare_imports(checkout: str) -> None:
                        log_gpu_memory=lambda *a, **k: None)
         _stub("demo_utils.memory", **helpers)
         _stub("utils.memory", **helpers)
+    if importlib.util.find_spec("matplotlib") is None:
+        _stub("matplotlib")
+        _stub("matplotlib.pyplot")
+    if importlib.util.find_spec("torchvision") is None:
+        _stub("torchvision")
+        _stub("torchvision.io", write_video=None)
 
     attention = importlib.import_module("wan.modules.attention")
     attention.flash_attention = sdpa
@@ -96,6 +107,8 @@ def prepare_imports(checkout: str) -> None:
     config = dict(WAN_13B)
 
     def from_pretrained(cls, _path, **kwargs):
+        for loader_option in ("low_cpu_mem_usage", "device_map", "ignore_mismatched_sizes"):  # diffusers', not the model's
+            kwargs.pop(loader_option, None)
         return cls(**{**config, **kwargs})
 
     causal.CausalWanModel.from_pretrained = classmethod(from_pretrained)
@@ -131,12 +144,22 @@ def base_args(**extra) -> AttrDict:
 
 def build_pipeline(kind: str, state_dict: dict, dtype: torch.dtype, device: str, prompts: dict[str, torch.Tensor],
                    global_sink: bool = True):
-    """kind: "self_forcing", "longlive" or "longlive_interactive"."""
+    """kind: "self_forcing", "longlive", "longlive_interactive", "infinity_rope" or "anchor_interactive"."""
     wrapper = importlib.import_module("utils.wan_wrapper")
     if kind == "self_forcing":
         args = base_args()
         module = importlib.import_module("pipeline.causal_inference")
         cls = module.CausalInferencePipeline
+    elif kind == "infinity_rope":
+        # configs/self_forcing_dmd.yaml: local_attn_size 6, sink_size 1; context_noise 0, 3 frames per block
+        args = base_args()
+        args.model_kwargs.update(local_attn_size=6, sink_size=1)
+        cls = importlib.import_module("pipeline.causal_inference").CausalInferencePipeline
+    elif kind == "anchor_interactive":
+        # configs/interactive_inference.yaml
+        args = base_args(global_sink=global_sink, sink_update_ratio=0.0, rope_enhance=True, use_prompt_cache=True)
+        args.model_kwargs.update(local_attn_size=12, sink_size=3)
+        cls = importlib.import_module("pipeline.interactive_causal_inference").InteractiveCausalInferencePipeline
     else:
         args = base_args(global_sink=global_sink)
         args.model_kwargs.update(local_attn_size=12, sink_size=3)
@@ -153,12 +176,48 @@ def build_pipeline(kind: str, state_dict: dict, dtype: torch.dtype, device: str,
     return pipe.to(device=device, dtype=dtype)
 
 
-def run(kind: str, pipe, noise: torch.Tensor, prompt_names: list[str], switches: list[int] | None = None):
-    """Run a reference pipeline; returns latents [B, F, 16, H, W]."""
+def infinity_rope_prompt(pipe, prompt_names: list[str], switches: list[int], cuts: list[bool]) -> str:
+    """Infinity-RoPE's scene syntax ``"p0[Ds] | p1[Ds#] | p2"`` for prompt switches at ``switches``.
+
+    Durations are in seconds, ``blocks = int(seconds * 16 / (4 * 3))``, so a block is 0.75 s. Every
+    boundary is a KV flush; a ``#`` makes it a RoPE cut as well. In ``_parse_scene_durations`` the
+    ``#`` of scene i marks the boundary *after* scene i (the README puts it on the scene that starts
+    with the cut; the code is what runs), so ``cuts[j]`` goes on scene j.
+    """
+    block = pipe.num_frame_per_block
+    bounds = [0, *switches]
+    parts = []
+    for j, name in enumerate(prompt_names):
+        if j == len(prompt_names) - 1:
+            parts.append(name)  # the last scene runs to the end of the noise
+            break
+        frames = bounds[j + 1] - bounds[j]
+        if frames % block:
+            raise SystemExit(f"Infinity-RoPE switches only at block boundaries; {switches} are not multiples of {block}")
+        seconds = frames // block * 4 * block / pipe.default_fps
+        parts.append(f"{name}[{seconds:g}s{'#' if cuts[j] else ''}]")
+    text = " | ".join(parts)
+    names, blocks, flags = pipe._parse_scene_durations(text)
+    expect = [(bounds[j + 1] - bounds[j]) // block for j in range(len(switches))]
+    if names != prompt_names or blocks[:-1] != expect or flags[:-1] != list(cuts):
+        raise SystemExit(f"scene string {text!r} parses to {names}, {blocks}, {flags}; expected {expect}, {cuts}")
+    return text
+
+
+def run(kind: str, pipe, noise: torch.Tensor, prompt_names: list[str], switches: list[int] | None = None,
+        cuts: list[bool] | None = None):
+    """Run a reference pipeline; returns latents [B, F, 16, H, W].
+
+    ``cuts`` (Infinity-RoPE only): per switch, whether it is a RoPE cut (else a KV flush)."""
     with torch.no_grad():
-        if kind == "longlive_interactive":
+        if kind in ("longlive_interactive", "anchor_interactive"):
             _, latents = pipe.inference(noise, text_prompts_list=[[p] for p in prompt_names],
                                         switch_frame_indices=switches, return_latents=True)
+        elif kind == "infinity_rope":
+            switches = switches or []
+            text = infinity_rope_prompt(pipe, prompt_names[:len(switches) + 1], switches, cuts or [False] * len(switches))
+            print(f"Infinity-RoPE scene prompt: {text!r}", flush=True)
+            _, latents = pipe.inference(noise, text_prompts=[text], return_latents=True)
         else:
             _, latents = pipe.inference(noise, text_prompts=prompt_names[:1], return_latents=True)
     return latents
