@@ -71,26 +71,13 @@ def build_memory(
         memory = grounded(gcm_frames=gcm_frames, ltm_frames=ltm_frames, candidates=gcm_update,
                           alpha_max=alpha_max, proximity_window=window)
     elif policy == "longlive":
-        if sink_frames < 1:
-            raise ValueError(f"LongLive sink of {sink_frames} frames is below 1; use 3 (the default)")
-        if window_frames - sink_frames - CHUNK_FRAMES < 1:
-            raise ValueError(
-                f"LongLive window of {window_frames} frames leaves no room after the sink ({sink_frames}) "
-                f"and the chunk ({CHUNK_FRAMES}); use at least {sink_frames + CHUNK_FRAMES + 1}, 12 is the default"
-            )
+        _check_sink_window("LongLive", sink_frames, window_frames, 3, 12)
         memory = dataclasses.replace(
             longlive(sink_frames=sink_frames, window_frames=window_frames, global_sink=global_sink),
             alpha_max=alpha_max, proximity_window=window,
         )
     elif policy == "infinity_rope":
-        if irope_sink_frames < 1:
-            raise ValueError(f"Infinity-RoPE sink of {irope_sink_frames} frames is below 1; use 1 (the default)")
-        if irope_window_frames - irope_sink_frames - CHUNK_FRAMES < 1:
-            raise ValueError(
-                f"Infinity-RoPE window of {irope_window_frames} frames leaves no room after the sink "
-                f"({irope_sink_frames}) and the chunk ({CHUNK_FRAMES}); use at least "
-                f"{irope_sink_frames + CHUNK_FRAMES + 1}, 6 is the default"
-            )
+        _check_sink_window("Infinity-RoPE", irope_sink_frames, irope_window_frames, 1, 6)
         memory = dataclasses.replace(
             infinity_rope(sink_frames=irope_sink_frames, window_frames=irope_window_frames,
                           chunk_frames=CHUNK_FRAMES, flush_keep=flush_keep, cut_index=cut_index),
@@ -109,14 +96,7 @@ def build_memory(
             alpha_max=alpha_max, proximity_window=window,
         )
     elif policy == "anchor_forcing":
-        if af_sink_frames < 1:
-            raise ValueError(f"Anchor Forcing sink of {af_sink_frames} frames is below 1; use 3 (the default)")
-        if af_window_frames - af_sink_frames - CHUNK_FRAMES < 1:
-            raise ValueError(
-                f"Anchor Forcing window of {af_window_frames} frames leaves no room after the sink "
-                f"({af_sink_frames}) and the chunk ({CHUNK_FRAMES}); use at least "
-                f"{af_sink_frames + CHUNK_FRAMES + 1}, 12 is the default"
-            )
+        _check_sink_window("Anchor Forcing", af_sink_frames, af_window_frames, 3, 12)
         memory = dataclasses.replace(
             anchor_forcing(sink_frames=af_sink_frames, window_frames=af_window_frames, chunk_frames=CHUNK_FRAMES),
             alpha_max=alpha_max, proximity_window=window,
@@ -181,3 +161,14 @@ def apply_rope(memory: MemoryPolicy, rope: RopeOptions | None) -> tuple[MemoryPo
         patched = dataclasses.replace(memory, index_rule=rope.layout, rope_range=rope.rope_range)
     patched.validate(CHUNK_FRAMES)
     return patched, rope.precision
+
+
+def _check_sink_window(method: str, sink: int, window: int, default_sink: int, default_window: int) -> None:
+    """A sink of at least 1 frame and a window (counting sink and chunk) with room for 1 more frame."""
+    if sink < 1:
+        raise ValueError(f"{method} sink of {sink} frames is below 1; use {default_sink} (the default)")
+    if window - sink - CHUNK_FRAMES < 1:
+        raise ValueError(
+            f"{method} window of {window} frames leaves no room after the sink ({sink}) and the chunk "
+            f"({CHUNK_FRAMES}); use at least {sink + CHUNK_FRAMES + 1}, {default_window} is the default"
+        )
