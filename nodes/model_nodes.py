@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import comfy.sd
 import folder_paths
 from comfy_api.latest import io
 
-from ..gf_core.checkpoints import CheckpointError
+from ..gf_core.checkpoints import CheckpointError, describe
 from . import loading
 from .policy import ROPE_LAYOUTS, ROPE_MODES, ROPE_PRECISIONS, RopeOptions, with_rope
 from .sockets import CATEGORY
@@ -54,6 +56,8 @@ class GFLoadCausalWanModel(io.ComfyNode):
             sd = loading.read_state_dict(model_path, weights, lora_path, lora_strength)
         except CheckpointError as e:
             raise CheckpointError(str(e)) from None  # one sentence, no loader internals in the traceback
+        logging.info("GF Load Causal Wan Model: %s from %s%s", describe(sd), model_name,
+                     f" + {lora_name} x {lora_strength}" if lora_path else "")
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
         if model is None:
             raise RuntimeError(f"ComfyUI did not recognise {model_name} as a Wan2.1 model; update ComfyUI")
