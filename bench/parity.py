@@ -9,7 +9,8 @@ L2 error of the output latents is reported:
 Cases: Self-Forcing 21 latent frames; LongLive 120 latent frames; LongLive interactive with
 prompt switches at frames 40 and 80 (global sink); Infinity-RoPE (sink 1, window 6) 120 frames,
 and interactive with a KV flush at frame 42 and a RoPE cut at frame 84; Anchor Forcing
-interactive with switches at frames 40 and 80. Paths may also come from the environment
+interactive with switches at frames 40 and 80; 45-frame versions of the last two (flush at 18,
+cut at 33; Anchor Forcing switches requested at 13 and 28), short enough for strict float32. Paths may also come from the environment
 (``GF_SELF_FORCING_PATH``, ``GF_LONGLIVE_PATH``, ``GF_INFINITY_ROPE_PATH``, ``GF_ANCHOR_FORCING_PATH``). ``--tiny`` runs a 2-block model on a CPU in a
 few minutes to check the harness itself. See bench/reference.py for what is substituted.
 """
@@ -39,15 +40,21 @@ CASES = {
     # Infinity-RoPE switches only at block boundaries: a KV flush, then a RoPE cut (scene cut)
     "infinity_rope_interactive_120": ("infinity_rope", "infinity_rope", 120, [42, 84], ["flush", "cut"]),
     "anchor_interactive_120": ("anchor_interactive", "anchor_forcing", 120, [40, 80]),
+    # shorter full-size cases, for float32 without TF32: every switch kind within 45 frames
+    "infinity_rope_interactive_45": ("infinity_rope", "infinity_rope", 45, [18, 33], ["flush", "cut"]),
+    # two switches (requested at 13 and 28, made at 15 and 30); each junction is attended by two chunks
+    "anchor_interactive_45": ("anchor_interactive", "anchor_forcing", 45, [13, 28]),
 }
 TINY_FRAMES = {"self_forcing_21": 6, "longlive_120": 18, "longlive_interactive_120": 18,
-               "infinity_rope_120": 12, "infinity_rope_interactive_120": 21, "anchor_interactive_120": 30}
+               "infinity_rope_120": 12, "infinity_rope_interactive_120": 21, "anchor_interactive_120": 30,
+               "infinity_rope_interactive_45": 45, "anchor_interactive_45": 45}
 TINY_SWITCHES = [6, 15]
 # the Infinity-RoPE flush copies the last 2 frames of its 6-frame buffer: switch once the buffer is full;
 # Anchor Forcing: one switch requested at 13 (made at 15, a recache that keeps the sink); its junction
 # (frames 15-17) is attended once 13 + 12 - 3 < start, i.e. by the chunks at 24 and 27. The requested
 # frame is not a multiple of 3, where the reference would activate it a chunk later (docs/POLICIES.md).
-TINY_CASE_SWITCHES = {"infinity_rope_interactive_120": [9, 15], "anchor_interactive_120": [13]}
+TINY_CASE_SWITCHES = {"infinity_rope_interactive_120": [9, 15], "anchor_interactive_120": [13],
+                      "infinity_rope_interactive_45": [18, 33], "anchor_interactive_45": [13, 28]}
 WEIGHT_SEED, NOISE_SEED = 1234, 42
 
 

@@ -13,7 +13,8 @@ reference math is replaced, identically for both sides of every comparison:
   kernel the engine under test uses;
 - on a machine without CUDA, the GPU-memory helper modules (import-time ``cuda`` calls);
 - Anchor Forcing imports ``matplotlib`` and ``torchvision.io.write_video`` (plots and debug video
-  dumps, unused at inference): stubbed when they are not installed.
+  dumps, unused at inference): stubbed when they are not installed (or, for ``write_video``,
+  no longer in the installed torchvision).
 Each reference runs in a fresh interpreter (all repos use the package names ``wan``/``utils``).
 """
 
@@ -94,6 +95,11 @@ def prepare_imports(checkout: str) -> None:
     if importlib.util.find_spec("torchvision") is None:
         _stub("torchvision")
         _stub("torchvision.io", write_video=None)
+    else:
+        import torchvision.io
+
+        if not hasattr(torchvision.io, "write_video"):  # removed from recent torchvision releases
+            torchvision.io.write_video = None
 
     attention = importlib.import_module("wan.modules.attention")
     attention.flash_attention = sdpa
