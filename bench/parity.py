@@ -133,7 +133,7 @@ def run_side(args) -> None:
                     for i in range(len(bounds) - 1)]
         generator = torch.Generator(device=device).manual_seed(NOISE_SEED)
         result = gf.generate(model, segments, policy, generator=generator, noise_order="reference",
-                             rope_kind=args.rope, output_device=device, dtype=dtype)
+                             rope_kind=args.rope, output_device=device, dtype=dtype, fused=args.fused)
         latents = result.latents.permute(0, 2, 1, 3, 4)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32,bf16")
     ap.add_argument("--rope", default="complex128", help="engine RoPE precision: complex128 or float32")
     ap.add_argument("--tf32", action="store_true", help="float32 runs use TF32 matrix units (both sides alike)")
+    ap.add_argument("--fused", action="store_true", help="engine with fused (torch.compile'd) blocks; needs --rope float32")
     ap.add_argument("--tiny", action="store_true", help="2-block model, few frames: checks the harness on a CPU")
     ap.add_argument("--out", help="write the results as JSON here")
     # internal: run one side in this process
@@ -185,12 +186,14 @@ def main() -> None:
                            "--rope", args.rope, "--checkout", checkouts[repo], "--save", path]
                     cmd += ["--tiny"] if args.tiny else []
                     cmd += ["--tf32"] if args.tf32 else []
+                    cmd += ["--fused"] if args.fused else []
                     subprocess.run(cmd, check=True)
                     outputs[side] = torch.load(path, weights_only=True)
                 ref, eng = outputs["reference"]["latents"], outputs["engine"]["latents"]
                 _, _, _, switches, transitions = case_setup(case, args.tiny)
                 row = {
                     "case": case, "dtype": dt, "frames": ref.shape[1], "rope": args.rope, "tf32": args.tf32,
+                    "fused": args.fused,
                     "switches": switches, "transitions": transitions,
                     "rel_l2": compare(eng, ref), "max_abs": float((eng - ref).abs().max()),
                     "reference_s": round(outputs["reference"]["seconds"], 2),

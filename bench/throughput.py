@@ -5,7 +5,7 @@ encoder, no VAE). One command measures every row:
 
     python bench/throughput.py --self-forcing PATH --longlive PATH --out docs/throughput.json
 
-Rows: engine "grounded" 120 latent frames; engine "grounded" 6-segment APR timeline (120);
+Rows: engine "grounded" 120 latent frames (add "+fused" to a row name for compiled blocks); engine "grounded" 6-segment APR timeline (120);
 engine "longlive" (120); LongLive reference (120); Self-Forcing reference (21); and the flat-cost
 run: engine "grounded" for ``--long-frames`` (1,000) latent frames. Each row runs in a fresh
 interpreter. Pixel frames/s counts 4 pixel frames per latent frame (the first latent frame of a
@@ -40,17 +40,21 @@ def _prompts(n: int) -> list[torch.Tensor]:
 
 
 def run_row(row: str, args) -> dict:
-    """One measurement; an engine row may end in "@backend" to pin its SDPA kernel (e.g. "@cudnn")."""
+    """One measurement. An engine row may end in "+fused" (blocks compiled with torch.compile) and
+    in "@backend" to pin its SDPA kernel (e.g. "grounded_120+fused@cudnn")."""
+    name = row
     row, _, backend = row.partition("@")
     if backend:
         args.attention = backend
+    row, _, variant = row.partition("+")
+    fused = variant == "fused"
     from gf_core import WanConfig, random_state_dict
 
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype, device = torch.bfloat16, "cuda"
     sd = random_state_dict(WanConfig(), seed=1234, dtype=dtype, device=device)
     torch.cuda.synchronize()
-    result: dict = {"row": row + (f"@{backend}" if backend else "")}
+    result: dict = {"row": name}
     if row.endswith(("reference_120", "reference_21")):
         import reference
 
@@ -86,15 +90,20 @@ def run_row(row: str, args) -> dict:
             segments = [gf.Segment(p, 20, gf.Transition("apr")) for p in ps]
         else:
             segments = [gf.Segment(ps[0], frames)]
-        warm = [gf.Segment(ps[0], 9)]
-        list(gf.stream(model, warm, policy, seed=0, dtype=dtype, attention=attention_backend(args.attention)))
+        # warm-up: every shape of the run (no context up to a full window, a prompt switch) once
+        switch = gf.Transition("apr") if row == "grounded_apr6_120" else gf.Transition("default")
+        warm = [gf.Segment(ps[0], 24), gf.Segment(ps[1], 9, switch)]
+        began = time.perf_counter()
+        list(gf.stream(model, warm, policy, seed=0, dtype=dtype, attention=attention_backend(args.attention),
+                       fused=fused))
         torch.cuda.synchronize()
+        result["warmup_s"] = time.perf_counter() - began
         torch.cuda.reset_peak_memory_stats()
         chunk_s, mem_after, switches = [], {}, []
         began = time.perf_counter()
         last = began
         attention = attention_backend(args.attention)
-        for chunk in gf.stream(model, segments, policy, seed=0, dtype=dtype, attention=attention):
+        for chunk in gf.stream(model, segments, policy, seed=0, dtype=dtype, attention=attention, fused=fused):
             now = time.perf_counter()  # the chunk's latents reached the host: the GPU is done with it
             chunk_s.append(now - last)
             last = now
@@ -154,10 +163,12 @@ def main() -> None:
                 extra = f" median chunk {r['median_chunk_s'] * 1e3:.0f} ms first {r['first_chunk_s'] * 1e3:.0f} ms"
             if r.get("switch_cost_chunks"):
                 extra += f" switch {max(r['switch_cost_chunks']):.2f} chunks"
+            if r.get("warmup_s"):
+                extra += f" warm-up {r['warmup_s']:.0f} s"
             if r.get("late_over_early"):
                 extra += f" late/early {r['late_over_early']:.3f} mem10 {r['memory_after_chunk'].get('10')} mem300 {r['memory_after_chunk'].get('300')}"
             print(f"{row:28s} {r['pixel_fps']:6.1f} px-fps peak {r['peak_gib']:.2f} GiB{extra}", flush=True)
-    ref = next((r for r in results if r["row"] == "longlive_reference_120"), None)
+    ref = next((r for r in results if r["row"].startswith("longlive_reference_120")), None)
     info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "attention": args.attention, "results": results}
     if args.out:

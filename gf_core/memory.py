@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .policies import FILL_FIFO, FILL_FIRST, FILL_JUNCTION, FILL_PROMOTED, MemoryPolicy
-from .rope import RopeTable, apply_rope
-from .wan import ChunkKV
+from .rope import RopeTable
+from .wan import ChunkKV, Context
 
 
 @dataclass
@@ -88,7 +88,10 @@ class FrameStore:
 
 
 class ContextSource:
-    """Rotated K/V of a plan's key frames, gathered from the store per block (wan.KeyValueSource)."""
+    """Raw K/V of a plan's key frames and their rotations, per block (wan.KeyValueSource).
+
+    The block gathers and rotates them as it attends (:func:`~gf_core.wan.block_step`).
+    """
 
     def __init__(self, store: FrameStore, slots: list[int], freqs: torch.Tensor | None):
         self.store = store
@@ -97,12 +100,10 @@ class ContextSource:
         if slots:
             self.slot_index = torch.tensor(slots, dtype=torch.long, device=store.keys.device)
 
-    def context(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def context(self, block: int) -> Context | None:
         if self.slot_index is None:
             return None
-        k = self.store.keys[block].index_select(1, self.slot_index).flatten(1, 2)
-        v = self.store.values[block].index_select(1, self.slot_index).flatten(1, 2)
-        return apply_rope(k, self.freqs), v
+        return Context(self.store.keys[block], self.store.values[block], self.slot_index, self.freqs)
 
 
 @dataclass

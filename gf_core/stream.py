@@ -156,6 +156,7 @@ def stream(
     attention: AttentionFn = sdpa_attention,
     rope_kind: str = "float32",
     output_device: str | torch.device | None = "cpu",
+    fused: bool = False,
 ) -> Iterator[ChunkResult]:
     """Generate a latent video chunk by chunk; see the module docstring for the draw order.
 
@@ -169,6 +170,8 @@ def stream(
         noise: optional initial noise [B, F, 16, H/8, W/8] (reference layout) instead of drawing it.
         rope_kind: "float32" (fast) or "complex128" (the references' float64 rotation).
         output_device: where yielded latents live (None: the run device).
+        fused: run each DiT block as one ``torch.compile``'d graph (faster on a GPU; the first chunks
+            and the first switch compile, about a minute in all). Needs ``rope_kind="float32"``.
     """
     policy = preset(memory, chunk_frames) if isinstance(memory, str) else memory
     cfg = WanConfig.from_module(model)
@@ -180,6 +183,8 @@ def stream(
         raise ValueError(f"unknown noise order '{noise_order}'; use 'reference' or 'chunk'")
     if rope_kind not in ("float32", "complex128"):
         raise ValueError(f"unknown RoPE precision '{rope_kind}'; use 'float32' or 'complex128'")
+    if fused and rope_kind != "float32":
+        raise ValueError("fused blocks rotate in float32; use rope_kind='float32' or fused=False")
 
     plan = chunk_plan(segments, chunk_frames)
     total = plan[-1][0] + chunk_frames
@@ -222,7 +227,7 @@ def stream(
                       own_keys_from: int = 0, on_kv=None) -> None:
         t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
         forward_chunk(model, latents, t, text, context, query_index, rope, rope_kind, attention,
-                      compute_output=False, own_keys_from=own_keys_from, on_kv=on_kv)
+                      compute_output=False, own_keys_from=own_keys_from, on_kv=on_kv, fused=fused)
 
     def source_for(slots: list[int], indices: list[int]) -> ContextSource:
         return ContextSource(mem.store, slots, rope.frequencies(indices, *grid_hw, rope_kind, device))
@@ -248,7 +253,8 @@ def stream(
             x = x.permute(0, 2, 1, 3, 4)  # -> [B, C, F, h, w]
             for i in range(len(schedule)):
                 t = timesteps[i].expand(batch_size)
-                velocity, _ = forward_chunk(model, x, t, text, source, query, rope, rope_kind, attention)
+                velocity, _ = forward_chunk(model, x, t, text, source, query, rope, rope_kind, attention,
+                                            fused=fused)
                 x0 = to_x0(x, velocity, sigmas[i])
                 if i + 1 < len(schedule):
                     eps = torch.randn((batch_size * chunk_frames, LATENT_CHANNELS, lat_h, lat_w),
@@ -261,7 +267,7 @@ def stream(
             changes, writes = mem.admit(start, x0, k)
             t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
             forward_chunk(model, x0, t, text, source, query, rope, rope_kind, attention,
-                          compute_output=False, on_kv=mem.store.writer(writes, chunk_frames))
+                          compute_output=False, on_kv=mem.store.writer(writes, chunk_frames), fused=fused)
             out = x0.to(out_device)
             event = {
                 "chunk": c,

@@ -237,11 +237,22 @@ class TextContext:
 
 
 class KeyValueSource(Protocol):
-    """What the memory gives attention: rotated context keys and values of one block."""
+    """What the memory gives attention: the raw context keys and values of one block, and their RoPE."""
 
-    def context(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Rotated keys and values [B, N, H, D] of every context frame, or None."""
+    def context(self, block: int) -> Context | None:
+        """The block's stored raw K/V, which slots to attend to, and their rotations; or None."""
         ...
+
+
+@dataclass
+class Context:
+    """Context of one block: stored raw K/V [B, slots, T, H, D], the slots [N] to read, in order, and
+    the rotations of their N*T tokens (as :meth:`RopeTable.frequencies` gives them)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor
+    freqs: torch.Tensor
 
 
 @dataclass
@@ -299,6 +310,7 @@ def forward_chunk(
     compute_output: bool = True,
     own_keys_from: int = 0,
     on_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor | None, ChunkKV | None]:
     """One causal forward of a chunk of latent frames.
 
@@ -313,7 +325,9 @@ def forward_chunk(
         own_keys_from: the chunk attends to its own frames from this one on (LongLive's recache
             runs frames whose keys it then leaves out).
         on_kv: called as ``on_kv(block, k, v)`` with the chunk's raw K/V [B, L, H, D] of every block,
-            after that block's attention has read its context (so it may overwrite context slots).
+            after that block has read its context (so it may overwrite context slots).
+        fused: run each block as one ``torch.compile``'d graph (:func:`fused_block_step`): the same
+            function, with float32 RoPE in real arithmetic and the elementwise work fused.
 
     Returns:
         The velocity prediction [B, C, F, H, W] (or None) and the captured K/V (or None).
@@ -321,7 +335,9 @@ def forward_chunk(
     cfg = WanConfig.from_module(model)
     b, _, frames, height, width = x.shape
     pt, ph, pw = cfg.patch_size
-    heads, hd = cfg.num_heads, cfg.head_dim
+    heads = cfg.num_heads
+    if fused and rope_kind == "complex128":
+        raise ValueError("fused blocks rotate in float32; use rope_kind 'float32' with fused=True")
     grid = (frames // pt, height // ph, width // pw)
     tokens_per_frame = grid[1] * grid[2]
 
@@ -336,48 +352,34 @@ def forward_chunk(
     e0 = model.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, grid[0]))  # [B, F, 6, dim]
 
     freqs = rope.frequencies(query_index, grid[1], grid[2], rope_kind, x.device)
+    step, rotate = (fused_block_step(), rotate_real) if fused else (block_step, apply_rope)
+    converted: dict[int, torch.Tensor] = {}
+
+    def rotations(f: torch.Tensor) -> torch.Tensor:
+        if not fused:
+            return f
+        if id(f) not in converted:  # the memory gives every block the same table
+            converted[id(f)] = real_freqs(f)
+        return converted[id(f)]
+
+    freqs = rotations(freqs)
     captured_k: list[torch.Tensor] = []
     captured_v: list[torch.Tensor] = []
     last = len(model.blocks) - 1
     for i, block in enumerate(model.blocks):
-        mod = (_param(block.modulation, h).unsqueeze(1) + e0).chunk(6, dim=2)  # each [B, F, 1, dim]
-        shift, scale, gate, c_shift, c_scale, c_gate = mod
-
-        y = (block.norm1(h).unflatten(1, (grid[0], tokens_per_frame)) * (1 + scale) + shift).flatten(1, 2)
-        sa = block.self_attn
-        q = sa.norm_q(sa.q(y)).view(b, -1, heads, hd)
-        k = sa.norm_k(sa.k(y)).view(b, -1, heads, hd)
-        v = sa.v(y).view(b, -1, heads, hd)
+        ctx = memory.context(i) if memory is not None else None
+        ctx_parts = (None,) * 4 if ctx is None else (ctx.keys, ctx.values, ctx.slots, rotations(ctx.freqs))
+        keys_only = not compute_output and i == last
+        out, k, v = step(block, h, e0, grid[0], heads, freqs, text.keys[i], text.values[i], *ctx_parts, rotate,
+                         attention, own_keys_from * tokens_per_frame, keys_only)
         if capture_kv:
             captured_k.append(k)
             captured_v.append(v)
-        if not compute_output and i == last:
-            if on_kv is not None:
-                on_kv(i, k, v)
-            break
-        q_rot = apply_rope(q, freqs)
-        k_rot = apply_rope(k, freqs)
-        k_own, v_own = k_rot, v
-        if own_keys_from:
-            k_own, v_own = k_rot[:, own_keys_from * tokens_per_frame:], v[:, own_keys_from * tokens_per_frame:]
-        ctx = memory.context(i) if memory is not None else None
-        if ctx is not None:
-            k_all = torch.cat([ctx[0], k_own], dim=1)
-            v_all = torch.cat([ctx[1], v_own], dim=1)
-        else:
-            k_all, v_all = k_own, v_own
-        y = sa.o(attention(q_rot, k_all, v_all).flatten(2))
-        del k_all, v_all
         if on_kv is not None:
-            on_kv(i, k, v)
-        h = h + (y.unflatten(1, (grid[0], tokens_per_frame)) * gate).flatten(1, 2)
-
-        ca = block.cross_attn
-        qc = ca.norm_q(ca.q(block.norm3(h))).view(b, -1, heads, hd)
-        h = h + ca.o(attention(qc, text.keys[i], text.values[i]).flatten(2))
-
-        y = block.ffn((block.norm2(h).unflatten(1, (grid[0], tokens_per_frame)) * (1 + c_scale) + c_shift).flatten(1, 2))
-        h = h + (y.unflatten(1, (grid[0], tokens_per_frame)) * c_gate).flatten(1, 2)
+            on_kv(i, k, v)  # after the block has read its context, so context slots may be overwritten
+        if keys_only:
+            break
+        h = out
 
     kv = ChunkKV(captured_k, captured_v) if capture_kv else None
     if not compute_output:
@@ -387,6 +389,100 @@ def forward_chunk(
     hmod = (_param(head.modulation, h).unsqueeze(1) + e.unflatten(0, (b, grid[0])).unsqueeze(2)).chunk(2, dim=2)
     out = head.head(head.norm(h).unflatten(1, (grid[0], tokens_per_frame)) * (1 + hmod[1]) + hmod[0])
     return unpatchify(out, grid, cfg.patch_size, cfg.out_dim), kv
+
+
+def block_step(
+    block: nn.Module,
+    h: torch.Tensor,
+    e0: torch.Tensor,
+    frames: int,
+    heads: int,
+    freqs: torch.Tensor,
+    text_keys: torch.Tensor,
+    text_values: torch.Tensor,
+    context_keys: torch.Tensor | None,
+    context_values: torch.Tensor | None,
+    context_slots: torch.Tensor | None,
+    context_freqs: torch.Tensor | None,
+    rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    attention: AttentionFn,
+    own_from: int = 0,
+    keys_only: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One DiT block over a chunk's tokens h [B, L, dim]; returns (new h or None, raw k, v [B, L, H, D]).
+
+    ``e0`` [B, frames, 6, dim] is the time projection; ``freqs`` the chunk's rotations; the chunk
+    attends to the context (the parts of a :class:`Context`, or four Nones) and then to its own
+    tokens from ``own_from`` on. ``keys_only`` stops once the raw K/V are known (the last block of a
+    cache-writing pass).
+    """
+    b, length, dim = h.shape
+    tokens = length // frames
+    hd = dim // heads
+    mod = (_param(block.modulation, h).unsqueeze(1) + e0).chunk(6, dim=2)  # each [B, F, 1, dim]
+    shift, scale, gate, c_shift, c_scale, c_gate = mod
+
+    y = (block.norm1(h).unflatten(1, (frames, tokens)) * (1 + scale) + shift).flatten(1, 2)
+    sa = block.self_attn
+    q = sa.norm_q(sa.q(y)).view(b, -1, heads, hd)
+    k = sa.norm_k(sa.k(y)).view(b, -1, heads, hd)
+    v = sa.v(y).view(b, -1, heads, hd)
+    if keys_only:
+        return None, k, v
+    q_rot = rotate(q, freqs)
+    k_own, v_own = rotate(k, freqs), v
+    if own_from:
+        k_own, v_own = k_own[:, own_from:], v[:, own_from:]
+    if context_keys is not None:
+        ck = context_keys.index_select(1, context_slots).flatten(1, 2)
+        cv = context_values.index_select(1, context_slots).flatten(1, 2)
+        k_all = torch.cat([rotate(ck, context_freqs), k_own], dim=1)
+        v_all = torch.cat([cv, v_own], dim=1)
+    else:
+        k_all, v_all = k_own, v_own
+    y = sa.o(attention(q_rot, k_all, v_all).flatten(2))
+    del k_all, v_all
+    h = h + (y.unflatten(1, (frames, tokens)) * gate).flatten(1, 2)
+
+    ca = block.cross_attn
+    qc = ca.norm_q(ca.q(block.norm3(h))).view(b, -1, heads, hd)
+    h = h + ca.o(attention(qc, text_keys, text_values).flatten(2))
+
+    y = block.ffn((block.norm2(h).unflatten(1, (frames, tokens)) * (1 + c_scale) + c_shift).flatten(1, 2))
+    h = h + (y.unflatten(1, (frames, tokens)) * c_gate).flatten(1, 2)
+    return h, k, v
+
+
+def real_freqs(freqs: torch.Tensor) -> torch.Tensor:
+    """Complex64 rotations [L, 1, D/2] as (cos, sin) pairs [L, 1, D/2, 2] for :func:`rotate_real`."""
+    return torch.view_as_real(freqs).contiguous()
+
+
+def rotate_real(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`~gf_core.rope.apply_rope` in float32 real arithmetic (no complex numbers, for torch.compile)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).type_as(x)
+
+
+_FUSED: list[Callable] = []
+
+
+def fused_block_step() -> Callable:
+    """:func:`block_step` compiled once per process with ``torch.compile`` (one graph per block call).
+
+    Every block shares the compiled code (modules are inlined, their weights are inputs); a new
+    shape (context size, frames, a keys-only pass) compiles once more, then recompiles with
+    dynamic sizes, so a long run compiles a few times at its start and never after.
+    """
+    if not _FUSED:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _FUSED.append(torch.compile(block_step, fullgraph=True))
+    return _FUSED[0]
+
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, ...], channels: int) -> torch.Tensor:

@@ -62,12 +62,15 @@ def check_model(module: nn.Module) -> WanConfig:
 
 def check(
     module: nn.Module, segments: Segments, memory: MemoryPolicy, width: int, height: int, batch_size: int,
-    noise_order: str = "reference",
+    noise_order: str = "reference", fused: bool = False, rope_kind: str = "float32",
 ) -> WanConfig:
     """Every check that can fail before the model is loaded; one-sentence ValueErrors."""
     cfg = check_model(module)
     if noise_order not in NOISE_ORDERS:
         raise ValueError(f"unknown noise order '{noise_order}'; use one of {', '.join(NOISE_ORDERS)}")
+    if fused and rope_kind != "float32":
+        raise ValueError(f"fused blocks rotate in float32, but GF DR-RoPE asks for {rope_kind}; set its "
+                         "precision to float32 or turn fused off")
     validate(cfg, list(segments), memory, height, width, batch_size, CHUNK_FRAMES)
     return cfg
 
@@ -116,6 +119,7 @@ def sample(
     batch_size: int = 1,
     noise_order: str = "reference",
     rope_kind: str = "float32",
+    fused: bool = False,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     on_chunk: Callable[[int, int, ChunkResult], None] | None = None,
@@ -130,7 +134,7 @@ def sample(
         keep_partial: called with the finished raw latents and events when the run stops early
             (interrupted or failed after at least one chunk); returns where they were saved.
     """
-    check(module, segments, memory, width, height, batch_size, noise_order)
+    check(module, segments, memory, width, height, batch_size, noise_order, fused, rope_kind)
     total = chunk_count(segments)
     latent_frames = total * CHUNK_FRAMES
     header = {
@@ -139,6 +143,7 @@ def sample(
             "index_rule": memory.index_rule,
             "rope_range": memory.rope_range,
             "rope_precision": rope_kind,
+            "fused": fused,
             "width": width,
             "height": height,
             "seed": seed,
@@ -155,7 +160,7 @@ def sample(
     events: list[dict] = []
     run = stream(module, list(segments), memory, height=height, width=width, batch_size=batch_size, seed=seed,
                  chunk_frames=CHUNK_FRAMES, dtype=dtype, device=device, noise_order=noise_order,
-                 rope_kind=rope_kind, output_device="cpu")
+                 rope_kind=rope_kind, output_device="cpu", fused=fused)
     try:
         for chunk in run:
             chunks.append(chunk.latents.float())

@@ -480,3 +480,34 @@ def test_bf16_model_without_manual_cast_runs_as_on_a_gpu(host, monkeypatch):
         noise_order="chunk")
     latents = out.args[0]["samples"]
     assert latents.shape == (1, 16, 6, 4, 4) and torch.isfinite(latents).all()
+
+
+def test_fused_sampler_through_comfyui_modules_equals_unfused(host):
+    """``fused`` compiles ComfyUI's own WanModel blocks (its cast-on-the-fly layers) too."""
+    from grounded_forcing.nodes import policy, prompts
+
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
+                                                  lora_strength=1.0, weight_dtype="default").args[0]
+    g = torch.Generator().manual_seed(0)
+    segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=g), 9)
+    segments = prompts.add_segment(segments, torch.randn(1, 16, 4096, generator=g), 6,
+                                   prompts.make_transition("apr", 0.8, 0.0))
+    outs = [nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
+                                       height=32, seed=0, batch_size=1, noise_order="chunk",
+                                       fused=fused).args[0]["samples"] for fused in (False, True)]
+    assert torch.allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5), float((outs[1] - outs[0]).abs().max())
+
+
+def test_fused_sampler_refuses_complex128_rope_before_loading(host):
+    from grounded_forcing.nodes import policy, prompts
+
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
+                                                  lora_strength=1.0, weight_dtype="default").args[0]
+    model = nodes["GFDRRoPE"].execute(model=model, mode="dr_rope", rope_range=21, layout="pinned_end",
+                                      precision="complex128").args[0]
+    segments = prompts.add_segment(None, torch.randn(1, 16, 4096), 6)
+    with pytest.raises(ValueError, match="set its precision to float32 or turn fused off"):
+        nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
+                                   height=32, seed=0, batch_size=1, noise_order="chunk", fused=True)

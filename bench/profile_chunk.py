@@ -1,0 +1,182 @@
+"""Where the time of a steady-state chunk goes, on one GPU.
+
+Prints, in one run: the device's measured ceilings (a bf16 matrix product, a device-to-device
+copy); the attention of a steady-state chunk (4,680 queries, 18,720 keys, 12 heads of 128) per
+SDPA backend; the matrix products of one block at 4,680 tokens; and a kernel profile of two
+steady-state chunks of the engine (random full-size 1.3B weights, 832x480, bf16), grouped into
+matrix products, attention and the rest, against the chunk's wall time.
+
+    python bench/profile_chunk.py --policy grounded --fused both --out docs/results/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(fn, repeat: int = 20) -> float:
+    """Median milliseconds of ``fn`` over ``repeat`` runs, timed with CUDA events after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = bench(lambda: a @ b)
+    src = torch.randn(2**30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    dst = torch.empty_like(src)
+    cp = bench(lambda: dst.copy_(src))
+    return {"matmul_tflops": 2 * 8192**3 / mm / 1e9, "copy_tb_s": 2 * src.numel() * 2 / cp / 1e9}
+
+
+def attention_kernels(queries: int = 4680, keys: int = 18720) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 12, queries, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 12, keys, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    flops = 4 * queries * keys * 12 * 128
+    out = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+            out[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+        except RuntimeError as e:
+            out[name] = {"error": str(e).splitlines()[0]}
+    ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+    out["auto"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    return out
+
+
+def block_matmuls(tokens: int = 4680) -> dict:
+    x = torch.randn(tokens, 1536, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(tokens, 8960, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1536, 1536, device="cuda", dtype=torch.bfloat16)
+    w1 = torch.randn(8960, 1536, device="cuda", dtype=torch.bfloat16)
+    w2 = torch.randn(1536, 8960, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for name, fn, flops in (("qkvo 1536x1536", lambda: F.linear(x, w), 2 * tokens * 1536 * 1536),
+                            ("ffn up 1536x8960", lambda: F.linear(x, w1), 2 * tokens * 1536 * 8960),
+                            ("ffn down 8960x1536", lambda: F.linear(h, w2), 2 * tokens * 1536 * 8960)):
+        ms = bench(fn)
+        out[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+    return out
+
+
+def kernel_group(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("fmha", "flash", "attention", "attn", "cudnn")):
+        return "attention"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul")):
+        return "matmul"
+    return "other"
+
+
+def engine_profile(policy: str, compile_blocks: bool) -> dict:
+    import gf_core as gf
+    from parity import prompts
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16
+    sd = gf.random_state_dict(gf.WanConfig(), seed=1234, dtype=dtype, device="cuda")
+    model = gf.WanModel.from_state_dict(sd, dtype=dtype, device="cuda")
+    del sd
+    prompt = next(iter(prompts(1).values()))
+    options = {"fused": True} if compile_blocks else {}
+    began = time.perf_counter()
+    list(gf.stream(model, [gf.Segment(prompt, 24)], policy, seed=0, dtype=dtype, **options))  # compiles, if fused
+    warmup = time.perf_counter() - began
+    run = gf.stream(model, [gf.Segment(prompt, 60)], policy, seed=0, dtype=dtype, **options)
+    walls = []
+    last = time.perf_counter()
+    profiled = None
+    for chunk in run:
+        now = time.perf_counter()
+        walls.append(now - last)
+        if chunk.index == 9:
+            torch.cuda.synchronize()
+            profiled = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+            profiled.__enter__()
+            began = time.perf_counter()
+        if chunk.index == 11:
+            torch.cuda.synchronize()
+            profiled_wall = time.perf_counter() - began
+            profiled.__exit__(None, None, None)
+        last = time.perf_counter()
+        if chunk.index == 15:
+            break
+    groups: dict[str, float] = {}
+    kernels = []
+    for evt in profiled.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and t > 0:
+            groups[kernel_group(evt.key)] = groups.get(kernel_group(evt.key), 0.0) + t / 1e3 / 2
+            kernels.append((t / 1e3 / 2, evt.count // 2, evt.key[:110]))
+    kernels.sort(reverse=True)
+    return {
+        "policy": policy, "fused": compile_blocks, "warmup_s": warmup,
+        "median_chunk_ms_6_15": 1e3 * statistics.median(walls[6:16]),
+        "profiled_chunk_wall_ms": 1e3 * profiled_wall / 2,
+        "device_ms_per_chunk": groups,
+        "device_total_ms_per_chunk": sum(groups.values()),
+        "top_kernels_ms_per_chunk": kernels[:30],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", default="grounded")
+    ap.add_argument("--fused", default="off", help="engine with fused (torch.compile'd) blocks: off, on, or both")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    info["ceilings"] = ceilings()
+    print("ceilings", json.dumps(info["ceilings"]), flush=True)
+    info["attention"] = attention_kernels()
+    print("attention 4680 x 18720", json.dumps(info["attention"]), flush=True)
+    info["matmuls"] = block_matmuls()
+    print("matmuls", json.dumps(info["matmuls"]), flush=True)
+    torch.cuda.empty_cache()
+    info["engine"] = []
+    for flag in {"off": [False], "on": [True], "both": [False, True]}[args.fused]:
+        r = engine_profile(args.policy, flag)
+        info["engine"].append(r)
+        print(f"engine {args.policy} fused={flag} (warm-up {r['warmup_s']:.0f} s): median chunk {r['median_chunk_ms_6_15']:.1f} ms, profiled wall "
+              f"{r['profiled_chunk_wall_ms']:.1f} ms, device {r['device_total_ms_per_chunk']:.1f} ms "
+              f"{json.dumps({k: round(v, 1) for k, v in r['device_ms_per_chunk'].items()})}", flush=True)
+        for ms, count, name in r["top_kernels_ms_per_chunk"][:25]:
+            print(f"  {ms:8.2f} ms {count:6d}x  {name}", flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(info, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
