@@ -39,15 +39,44 @@ def _prompts(n: int) -> list[torch.Tensor]:
     return list(prompts(n).values())
 
 
+def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
+    """ComfyUI's Wan2.1 VAE (``comfy.ldm.wan.vae.WanVAE``) with random weights, and the pack's
+    comfy-free decoding module."""
+    import importlib.util
+
+    if not comfyui:
+        raise SystemExit("the decode rows need a ComfyUI checkout: pass --comfyui or set GF_COMFYUI_PATH")
+    sys.path.insert(0, comfyui)
+    from comfy.ldm.wan.vae import WanVAE
+
+    spec = importlib.util.spec_from_file_location("gf_decoding", os.path.join(ROOT, "nodes", "decoding.py"))
+    decoding = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decoding)
+    g = torch.Generator().manual_seed(0)
+    vae = WanVAE()
+    with torch.no_grad():
+        for name, p in vae.named_parameters():  # ComfyUI's layers skip weight init
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.zero_()
+    return vae.to(device=device, dtype=dtype).eval(), decoding
+
+
 def run_row(row: str, args) -> dict:
-    """One measurement. An engine row may end in "+fused" (blocks compiled with torch.compile) and
-    in "@backend" to pin its SDPA kernel (e.g. "grounded_120+fused@cudnn")."""
+    """One measurement. An engine row may add "+fused" (blocks compiled with torch.compile) and
+    "+decode" (Wan VAE decode of every chunk on a second CUDA stream, end to end) or
+    "+decode_serial" (the same decode on the sampling stream, after each chunk), and end in
+    "@backend" to pin its SDPA kernel (e.g. "grounded_120+fused+decode@cudnn")."""
     name = row
     row, _, backend = row.partition("@")
     if backend:
         args.attention = backend
-    row, _, variant = row.partition("+")
-    fused = variant == "fused"
+    row, *variants = row.split("+")
+    fused = "fused" in variants
+    decode = "decode" in variants or "decode_serial" in variants
     from gf_core import WanConfig, random_state_dict
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -98,6 +127,8 @@ def run_row(row: str, args) -> dict:
                        fused=fused))
         torch.cuda.synchronize()
         result["warmup_s"] = time.perf_counter() - began
+        if decode:
+            return _end_to_end(result, model, segments, policy, fused, "decode" in variants, args)
         torch.cuda.reset_peak_memory_stats()
         chunk_s, mem_after, switches = [], {}, []
         began = time.perf_counter()
@@ -126,10 +157,36 @@ def run_row(row: str, args) -> dict:
     return result
 
 
+def _end_to_end(result: dict, model, segments, policy, fused: bool, overlap: bool, args) -> dict:
+    """Diffusion and Wan VAE decode of every chunk, until the last pixel frame is on the host."""
+    import gf_core as gf
+
+    vae, decoding = wan_vae(args.comfyui, "cuda", torch.bfloat16)
+    warm = decoding.StreamDecoder(vae)
+    for _ in warm.frames(torch.randn(1, 16, 3, 60, 104, device="cuda", dtype=torch.bfloat16)):
+        pass
+    del warm
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    decoder = decoding.OverlappedDecoder(decoding.StreamDecoder(vae), "cuda", overlap=overlap)
+    decoded = 0
+    began = time.perf_counter()
+    for chunk in gf.stream(model, segments, policy, seed=0, dtype=torch.bfloat16, fused=fused, output_device=None):
+        decoder.submit(chunk.latents)
+        decoded += sum(p.shape[2] for p in decoder.collect())
+    decoded += sum(p.shape[2] for p in decoder.collect(wait=True))
+    seconds = time.perf_counter() - began
+    frames = sum(s.frames for s in segments)
+    result.update(frames=frames, seconds=seconds, decoded_pixel_frames=decoded, overlap=overlap,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30, pixel_fps=decoded / seconds)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--self-forcing", default=os.environ.get("GF_SELF_FORCING_PATH"))
     ap.add_argument("--longlive", default=os.environ.get("GF_LONGLIVE_PATH"))
+    ap.add_argument("--comfyui", default=os.environ.get("GF_COMFYUI_PATH"), help="ComfyUI checkout (decode rows)")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--long-frames", type=int, default=1000)
     ap.add_argument("--attention", default="auto", help="engine SDPA backend: auto, flash, cudnn, efficient")
@@ -148,7 +205,8 @@ def main() -> None:
             path = os.path.join(tmp, row + ".json")
             cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--save", path,
                    "--long-frames", str(args.long_frames), "--attention", args.attention]
-            for flag, value in (("--self-forcing", args.self_forcing), ("--longlive", args.longlive)):
+            for flag, value in (("--self-forcing", args.self_forcing), ("--longlive", args.longlive),
+                                ("--comfyui", args.comfyui)):
                 if value:
                     cmd += [flag, value]
             done = subprocess.run(cmd)
@@ -163,6 +221,8 @@ def main() -> None:
                 extra = f" median chunk {r['median_chunk_s'] * 1e3:.0f} ms first {r['first_chunk_s'] * 1e3:.0f} ms"
             if r.get("switch_cost_chunks"):
                 extra += f" switch {max(r['switch_cost_chunks']):.2f} chunks"
+            if r.get("decoded_pixel_frames"):
+                extra += f" end to end, {r['decoded_pixel_frames']} pixel frames decoded"
             if r.get("warmup_s"):
                 extra += f" warm-up {r['warmup_s']:.0f} s"
             if r.get("late_over_early"):

@@ -39,15 +39,18 @@ class Plan:
 class FrameStore:
     """Preallocated raw K/V of every slot and block, plus each slot's clean latent.
 
-    keys/values: [layers, B, slots, tokens_per_frame, heads, head_dim]; latents: [B, C, slots, H, W].
+    keys: [layers, B, slots, tokens_per_frame, heads, head_dim]; values the same with ``scratch``
+    more slots after the memory's, where a fused forward puts its chunk's own values so that
+    attention reads every value in place (:func:`~gf_core.wan.block_step`); latents: [B, C, slots, H, W].
     Allocated on the first write, so batch, dtype and device come from the run. K/V are written
     block by block while a forward runs (:meth:`write_block`), so no forward ever holds the K/V
     of every block at once.
     """
 
-    def __init__(self, slots: int, layers: int):
+    def __init__(self, slots: int, layers: int, scratch: int = 0):
         self.slots = slots
         self.layers = layers
+        self.scratch = scratch
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.latents: torch.Tensor | None = None
@@ -67,7 +70,8 @@ class FrameStore:
         if self.keys is None:
             b, length, heads, dim = k.shape
             shape = (self.layers, b, self.slots, length // frames, heads, dim)
-            self.keys, self.values = k.new_empty(shape), k.new_empty(shape)
+            self.keys = k.new_empty(shape)
+            self.values = k.new_empty(shape[:2] + (self.slots + self.scratch,) + shape[3:])
         t = self.keys.shape[3]
         for store, new in ((self.keys, k), (self.values, v)):
             part = new[:, frame * t:(frame + 1) * t]
@@ -90,20 +94,31 @@ class FrameStore:
 class ContextSource:
     """Raw K/V of a plan's key frames and their rotations, per block (wan.KeyValueSource).
 
-    The block gathers and rotates them as it attends (:func:`~gf_core.wan.block_step`).
+    The block gathers and rotates them as it attends (:func:`~gf_core.wan.block_step`). When the
+    plan attends to every memory slot and the store has scratch slots, the context also carries
+    the rotations in slot order (``Context.whole_freqs``), so a fused block may read the store in
+    place instead of gathering (the keys then come in slot order, which changes only the order
+    of attention's sums).
     """
 
     def __init__(self, store: FrameStore, slots: list[int], freqs: torch.Tensor | None):
         self.store = store
         self.freqs = freqs
         self.slot_index = None
+        self.whole_freqs = None
         if slots:
             self.slot_index = torch.tensor(slots, dtype=torch.long, device=store.keys.device)
+            if store.scratch and sorted(slots) == list(range(store.slots)):
+                tokens = freqs.shape[0] // len(slots)
+                order = torch.tensor(sorted(range(len(slots)), key=slots.__getitem__))
+                rows = (order[:, None] * tokens + torch.arange(tokens)).flatten()
+                self.whole_freqs = freqs.index_select(0, rows.to(freqs.device))
 
     def context(self, block: int) -> Context | None:
         if self.slot_index is None:
             return None
-        return Context(self.store.keys[block], self.store.values[block], self.slot_index, self.freqs)
+        return Context(self.store.keys[block], self.store.values[block], self.slot_index, self.freqs,
+                       self.whole_freqs)
 
 
 @dataclass
@@ -113,6 +128,7 @@ class Memory:
     policy: MemoryPolicy
     chunk_frames: int = 3
     layers: int = 30
+    scratch: int = 0  # value slots for a fused forward's own chunk (FrameStore)
     regions: dict[str, list[Frame]] = field(default_factory=dict)
     sealed: set[str] = field(default_factory=set)
     origin: int = 0  # absolute frame whose bounded index would be 0 (moves at a cut)
@@ -130,7 +146,7 @@ class Memory:
         for r in self.policy.regions:
             self._free[r.name] = list(range(slot, slot + r.frames))
             slot += r.frames
-        self.store = FrameStore(slot, self.layers)
+        self.store = FrameStore(slot, self.layers, self.scratch)
 
     # -- reading -----------------------------------------------------------------------------
 

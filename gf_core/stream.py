@@ -213,7 +213,7 @@ def stream(
         initial = None
 
     rope = RopeTable(cfg.head_dim)
-    mem = Memory(policy, chunk_frames, cfg.num_layers)
+    mem = Memory(policy, chunk_frames, cfg.num_layers, scratch=chunk_frames if fused else 0)
     timesteps = schedule.timesteps.to(device)
     sigmas = schedule.sigmas.to(device)
     text: TextContext | None = None

@@ -247,12 +247,14 @@ class KeyValueSource(Protocol):
 @dataclass
 class Context:
     """Context of one block: stored raw K/V [B, slots, T, H, D], the slots [N] to read, in order, and
-    the rotations of their N*T tokens (as :meth:`RopeTable.frequencies` gives them)."""
+    the rotations of their N*T tokens (as :meth:`RopeTable.frequencies` gives them). ``values`` may
+    have scratch slots after the memory's (see :class:`~gf_core.memory.FrameStore`)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     slots: torch.Tensor
     freqs: torch.Tensor
+    whole_freqs: torch.Tensor | None = None  # set when ``slots`` are every memory slot: rotations in slot order
 
 
 @dataclass
@@ -368,7 +370,14 @@ def forward_chunk(
     last = len(model.blocks) - 1
     for i, block in enumerate(model.blocks):
         ctx = memory.context(i) if memory is not None else None
-        ctx_parts = (None,) * 4 if ctx is None else (ctx.keys, ctx.values, ctx.slots, rotations(ctx.freqs))
+        if ctx is None:
+            ctx_parts = (None,) * 4
+        elif fused and ctx.whole_freqs is not None and not own_keys_from \
+                and ctx.values.shape[1] - ctx.keys.shape[1] == grid[0]:
+            # every memory slot, read in place; the chunk's values go to the scratch slots
+            ctx_parts = (ctx.keys, ctx.values, None, rotations(ctx.whole_freqs))
+        else:
+            ctx_parts = (ctx.keys, ctx.values, ctx.slots, rotations(ctx.freqs))
         keys_only = not compute_output and i == last
         out, k, v = step(block, h, e0, grid[0], heads, freqs, text.keys[i], text.values[i], *ctx_parts, rotate,
                          attention, own_keys_from * tokens_per_frame, keys_only)
@@ -413,7 +422,8 @@ def block_step(
 
     ``e0`` [B, frames, 6, dim] is the time projection; ``freqs`` the chunk's rotations; the chunk
     attends to the context (the parts of a :class:`Context`, or four Nones) and then to its own
-    tokens from ``own_from`` on. ``keys_only`` stops once the raw K/V are known (the last block of a
+    tokens from ``own_from`` on. Without ``context_slots`` the context is every stored slot in
+    order, and ``context_values`` has ``frames`` scratch slots after them for the chunk's values. ``keys_only`` stops once the raw K/V are known (the last block of a
     cache-writing pass).
     """
     b, length, dim = h.shape
@@ -433,7 +443,11 @@ def block_step(
     k_own, v_own = rotate(k, freqs), v
     if own_from:
         k_own, v_own = k_own[:, own_from:], v[:, own_from:]
-    if context_keys is not None:
+    if context_keys is not None and context_slots is None:
+        context_values[:, context_keys.shape[1]:] = v.view(b, frames, tokens, heads, hd)
+        k_all = torch.cat([rotate(context_keys.flatten(1, 2), context_freqs), k_own], dim=1)
+        v_all = context_values.flatten(1, 2)
+    elif context_keys is not None:
         ck = context_keys.index_select(1, context_slots).flatten(1, 2)
         cv = context_values.index_select(1, context_slots).flatten(1, 2)
         k_all = torch.cat([rotate(ck, context_freqs), k_own], dim=1)
@@ -454,16 +468,19 @@ def block_step(
 
 
 def real_freqs(freqs: torch.Tensor) -> torch.Tensor:
-    """Complex64 rotations [L, 1, D/2] as (cos, sin) pairs [L, 1, D/2, 2] for :func:`rotate_real`."""
-    return torch.view_as_real(freqs).contiguous()
+    """Complex64 rotations [L, 1, D/2] as a float32 table [2, L, 1, D] for :func:`rotate_real`:
+    each pair's cosine twice, then its sine with the sign the pair's first channel needs."""
+    cos, sin = freqs.real.repeat_interleave(2, dim=-1), freqs.imag.repeat_interleave(2, dim=-1)
+    sign = torch.tensor([-1.0, 1.0], device=freqs.device).repeat(freqs.shape[-1])
+    return torch.stack((cos, sin * sign)).contiguous()
 
 
-def rotate_real(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """:func:`~gf_core.rope.apply_rope` in float32 real arithmetic (no complex numbers, for torch.compile)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
-    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).type_as(x)
+def rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`~gf_core.rope.apply_rope` in float32 real arithmetic (no complex numbers, for torch.compile):
+    (a, b) -> (a cos - b sin, b cos + a sin) as x * cos + swap_pairs(x) * signed sin."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * table[0] + swapped * table[1]).type_as(x)
 
 
 _FUSED: list[Callable] = []

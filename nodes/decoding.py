@@ -63,6 +63,54 @@ class StreamDecoder:
             yield self.decode_frame(z[:, :, i:i + 1])
 
 
+class OverlappedDecoder:
+    """Decodes chunks on a second CUDA stream while the sampling stream goes on with the next chunk.
+
+    :meth:`submit` takes a chunk's latents on the GPU as the sampling stream made them and returns
+    at once: the decode waits on the GPU for them, not on the host. :meth:`collect` returns, in
+    order, the host pixels of the chunks whose decode has finished (all of them with ``wait``).
+    Without a CUDA device (or with ``overlap=False``) every chunk decodes in :meth:`submit`, on the
+    caller's stream. Pixels as :class:`StreamDecoder` gives them.
+    """
+
+    def __init__(self, decoder: StreamDecoder, device: torch.device | str, overlap: bool = True):
+        self.decoder = decoder
+        device = torch.device(device)
+        self.stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+        self.pending: list[tuple[torch.cuda.Event | None, torch.Tensor]] = []
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(self.decoder.frames(z)), dim=2)
+
+    def submit(self, z: torch.Tensor) -> None:
+        """Queue the decode of latents [B, 16, F, H, W] (raw Wan latents, on the VAE's device)."""
+        if self.stream is None:
+            self.pending.append((None, self._decode(z).cpu()))
+            return
+        ready = torch.cuda.current_stream(z.device).record_event()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            z.record_stream(self.stream)  # the sampling stream may not reuse its memory before this decode
+            pixels = self._decode(z)
+            host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            done = self.stream.record_event()
+        self.pending.append((done, host))
+
+    def collect(self, wait: bool = False) -> list[torch.Tensor]:
+        """Pixels [B, 3, T, H, W] (host) of each finished chunk, oldest first."""
+        out = []
+        while self.pending:
+            event, host = self.pending[0]
+            if event is not None:
+                if not wait and not event.query():
+                    break
+                event.synchronize()
+            out.append(host)
+            self.pending.pop(0)
+        return out
+
+
 class Mp4Writer:
     """Frames [n, H, W, 3] in [0, 1] appended to an H.264 MP4 as they come (PyAV, ComfyUI's own
     video library): host memory holds one frame, however long the video. Close it to finish the

@@ -511,3 +511,21 @@ def test_fused_sampler_refuses_complex128_rope_before_loading(host):
     with pytest.raises(ValueError, match="set its precision to float32 or turn fused off"):
         nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
                                    height=32, seed=0, batch_size=1, noise_order="chunk", fused=True)
+
+
+def test_overlapped_decoder_gives_the_stream_decoder_frames_in_order(host):
+    """On a CPU the overlapped decoder decodes in submit; chunk by chunk it equals one whole decode."""
+    from grounded_forcing.nodes.decoding import OverlappedDecoder, StreamDecoder
+
+    vae = _tiny_wan_vae()
+    z = torch.randn(1, 16, 7, 4, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = vae.decode(z)
+        decoder = OverlappedDecoder(StreamDecoder(vae), "cpu")
+        got = []
+        for chunk in (z[:, :, :1], z[:, :, 1:4], z[:, :, 4:7]):
+            decoder.submit(chunk)
+            got += decoder.collect()
+        got += decoder.collect(wait=True)
+    assert [g.shape[2] for g in got] == [1, 12, 12]
+    assert torch.allclose(torch.cat(got, dim=2), whole, atol=1e-5)

@@ -41,3 +41,23 @@ def test_fused_run_equals_the_plain_run(model, policy, transitions):
 def test_fused_needs_float32_rope(model):
     with pytest.raises(ValueError, match="rope_kind='float32'"):
         next(gf.stream(model, [gf.Segment(prompt(0), 3)], "grounded", rope_kind="complex128", fused=True, **RUN))
+
+
+def test_in_place_context_is_used_in_the_steady_state_and_equals_gathering(model, monkeypatch):
+    """Once the plan attends to every memory slot, a fused block reads the store in place (keys in
+    slot order, its own values in the scratch slots); run here without compiling, to see the
+    layout alone."""
+    import gf_core.wan as wan
+
+    modes = []
+
+    def recording_step(*args):
+        modes.append("in place" if args[8] is not None and args[10] is None else "other")
+        return wan.block_step(*args)
+
+    monkeypatch.setattr(wan, "fused_block_step", lambda: recording_step)
+    segs = [gf.Segment(prompt(0), 21)]
+    plain = gf.generate(model, segs, "grounded", seed=5, **RUN)
+    in_place = gf.generate(model, segs, "grounded", seed=5, fused=True, **RUN)
+    assert modes.count("in place") > 0 and modes.count("other") > 0
+    torch.testing.assert_close(in_place.latents, plain.latents, atol=1e-5, rtol=1e-5)
