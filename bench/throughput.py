@@ -53,7 +53,9 @@ def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
     decoding = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(decoding)
     g = torch.Generator().manual_seed(0)
-    vae = WanVAE()
+    # the Wan2.1 VAE's shape as ComfyUI builds it (comfy/sd.py)
+    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)
     with torch.no_grad():
         for name, p in vae.named_parameters():  # ComfyUI's layers skip weight init
             if name.endswith("gamma"):

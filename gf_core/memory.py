@@ -82,13 +82,44 @@ class FrameStore:
                 store[block, :, slot] = torch.lerp(old.float(), part.float(), alpha).to(old.dtype)
 
     def writer(self, writes: list[tuple[int, int, float]], frames: int):
-        """A forward's per-block K/V callback storing (frame in forward, slot, alpha) triples."""
+        """A forward's per-block K/V callback storing (frame in forward, slot, alpha) triples.
+
+        Blends (alpha < 1) of a block run as one lerp over all their frames, with the same float32
+        arithmetic per element as :meth:`write_block`.
+        """
+        plain = [(frame, slot) for frame, slot, alpha in writes if alpha == 1.0]
+        blends = [(frame, slot, alpha) for frame, slot, alpha in writes if alpha != 1.0]
+        index: dict[str, torch.Tensor] = {}
 
         def on_kv(block: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            for frame, slot, alpha in writes:
+            for frame, slot in plain:
+                self.write_block(block, slot, k, v, frame, frames)
+            if len(blends) == 1:
+                frame, slot, alpha = blends[0]
                 self.write_block(block, slot, k, v, frame, frames, alpha)
+            elif blends:
+                if self.keys is None:  # allocate through the one-frame path, then blend as usual
+                    self.write_block(block, blends[0][1], k, v, blends[0][0], frames, blends[0][2])
+                    self._blend(block, k, v, frames, blends[1:], {})
+                else:
+                    self._blend(block, k, v, frames, blends, index)
 
         return on_kv
+
+    def _blend(self, block: int, k: torch.Tensor, v: torch.Tensor, frames: int,
+               blends: list[tuple[int, int, float]], index: dict[str, torch.Tensor]) -> None:
+        if not index:
+            device = self.keys.device
+            index["frames"] = torch.tensor([f for f, _, _ in blends], device=device)
+            index["slots"] = torch.tensor([s for _, s, _ in blends], device=device)
+            index["alpha"] = torch.tensor([a for _, _, a in blends], dtype=torch.float32,
+                                          device=device).view(1, -1, 1, 1, 1)
+        t = self.keys.shape[3]
+        for store, new in ((self.keys, k), (self.values, v)):
+            part = new.unflatten(1, (frames, t)).index_select(1, index["frames"])
+            old = store[block].index_select(1, index["slots"])
+            blended = torch.lerp(old.float(), part.float(), index["alpha"]).to(old.dtype)
+            store[block].index_copy_(1, index["slots"], blended)
 
 
 class ContextSource:

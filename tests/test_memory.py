@@ -185,3 +185,23 @@ def test_segment_boundaries_round_up_to_chunks(model):
     assert [e["segment"] for e in out.events] == [0, 0, 1, 2]
     switches = [e["switch"] and (e["switch"]["kind"], e["switch"]["frame"]) for e in out.events]
     assert switches == [None, None, ("longlive", 6), ("longlive", 9)]
+
+
+def test_writer_blends_many_frames_as_write_block_does_one_by_one():
+    """The writer runs the blends of a block as one lerp: bit-identical to frame-by-frame writes."""
+    from gf_core.memory import FrameStore
+
+    g = torch.Generator().manual_seed(4)
+    first = [torch.randn(1, 4 * 6, 2, 8, generator=g) for _ in range(2)]
+    new = [torch.randn(1, 4 * 4, 2, 8, generator=g) for _ in range(2)]
+    writes = [(0, 3, 1.0), (1, 0, 0.25), (2, 5, 0.5), (3, 1, 0.75)]
+    stores = [FrameStore(6, 2), FrameStore(6, 2)]
+    for store in stores:
+        for block in range(2):
+            store.writer([(f, f, 1.0) for f in range(6)], 6)(block, *first)
+    for block in range(2):
+        stores[0].writer(writes, 4)(block, *new)
+        for frame, slot, alpha in writes:
+            stores[1].write_block(block, slot, *new, frame, 4, alpha)
+    assert torch.equal(stores[0].keys, stores[1].keys) and torch.equal(stores[0].values, stores[1].values)
+    assert not torch.equal(stores[0].keys[1, :, 0], first[0].view(1, 6, 4, 2, 8)[:, 0])  # blended
