@@ -14,6 +14,8 @@ noise just before the chunk instead, so nothing at all grows with the length of 
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import math
 import time
@@ -137,6 +139,15 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return p.dtype, p.device
 
 
+def check_fused(rope_kind: str, device: torch.device) -> None:
+    """What fused blocks need, checked before any work: float32 RoPE and, on a GPU, Triton."""
+    if rope_kind != "float32":
+        raise ValueError("fused blocks rotate in float32; use rope_kind='float32' or fused=False")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ValueError("fused blocks are compiled with Triton, which this PyTorch install lacks; install "
+                         "triton (triton-windows on Windows) or turn fused off")
+
+
 def stream(
     model: nn.Module,
     segments: list[Segment],
@@ -183,8 +194,8 @@ def stream(
         raise ValueError(f"unknown noise order '{noise_order}'; use 'reference' or 'chunk'")
     if rope_kind not in ("float32", "complex128"):
         raise ValueError(f"unknown RoPE precision '{rope_kind}'; use 'float32' or 'complex128'")
-    if fused and rope_kind != "float32":
-        raise ValueError("fused blocks rotate in float32; use rope_kind='float32' or fused=False")
+    if fused:
+        check_fused(rope_kind, device)
 
     plan = chunk_plan(segments, chunk_frames)
     total = plan[-1][0] + chunk_frames

@@ -52,10 +52,11 @@ class GFSampler(io.ComfyNode):
                                        "does (same seed, same video). chunk: draw it per chunk (nothing grows with "
                                        "the length; a different video for the same seed)."),
                 io.Boolean.Input("fused", default=False,
-                                 tooltip="Run each DiT block as one torch.compile'd graph: about 1.35x faster on "
-                                         "an H200, after about 20 s of compiling in the first run (ComfyUI's own "
-                                         "module tree; needs GF DR-RoPE precision float32 if that node is used). "
-                                         "The video differs from the unfused one only by rounding.", optional=True),
+                                 tooltip="Compile each DiT block into one fused graph (torch.compile, needs "
+                                         "Triton on a GPU): about 1.4x faster on an H200 after 10-35 s of compiling "
+                                         "in the first run. Needs GF DR-RoPE precision float32 if that node is "
+                                         "used. The video differs from the unfused one by rounding only.",
+                                 optional=True),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="Raw Wan latents [B, 16, F, H/8, W/8]."),
@@ -69,7 +70,8 @@ class GFSampler(io.ComfyNode):
                 noise_order: str, fused: bool = False) -> io.NodeOutput:
         module = model.model.diffusion_model
         memory, rope_kind = apply_rope(memory, rope_options(model.model_options))
-        cfg = sampling.check(module, segments, memory, width, height, batch_size, noise_order, fused, rope_kind)
+        cfg = sampling.check(module, segments, memory, width, height, batch_size, noise_order, fused, rope_kind,
+                             model.load_device)
         dtype = _compute_dtype(model.model)
         mm.load_models_gpu([model], memory_required=sampling.working_bytes(cfg, memory, width, height,
                                                                            batch_size, dtype))

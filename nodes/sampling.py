@@ -19,7 +19,7 @@ from torch import nn
 
 from ..gf_core import ChunkResult, MemoryPolicy, WanConfig, pixel_frames, stream
 from ..gf_core.latents import to_raw
-from ..gf_core.stream import LATENT_CHANNELS, chunk_plan, validate
+from ..gf_core.stream import LATENT_CHANNELS, check_fused, chunk_plan, validate
 from .policy import CHUNK_FRAMES
 from .prompts import FPS, Segments
 
@@ -63,6 +63,7 @@ def check_model(module: nn.Module) -> WanConfig:
 def check(
     module: nn.Module, segments: Segments, memory: MemoryPolicy, width: int, height: int, batch_size: int,
     noise_order: str = "reference", fused: bool = False, rope_kind: str = "float32",
+    device: torch.device | None = None,
 ) -> WanConfig:
     """Every check that can fail before the model is loaded; one-sentence ValueErrors."""
     cfg = check_model(module)
@@ -71,6 +72,8 @@ def check(
     if fused and rope_kind != "float32":
         raise ValueError(f"fused blocks rotate in float32, but GF DR-RoPE asks for {rope_kind}; set its "
                          "precision to float32 or turn fused off")
+    if fused and device is not None:
+        check_fused(rope_kind, torch.device(device))
     validate(cfg, list(segments), memory, height, width, batch_size, CHUNK_FRAMES)
     return cfg
 
@@ -134,7 +137,7 @@ def sample(
         keep_partial: called with the finished raw latents and events when the run stops early
             (interrupted or failed after at least one chunk); returns where they were saved.
     """
-    check(module, segments, memory, width, height, batch_size, noise_order, fused, rope_kind)
+    check(module, segments, memory, width, height, batch_size, noise_order, fused, rope_kind, device)
     total = chunk_count(segments)
     latent_frames = total * CHUNK_FRAMES
     header = {

@@ -167,7 +167,8 @@ def ui_to_api(workflow: dict, mappings: dict) -> dict:
 
     Widget values are assigned in the order of the node's inputs (required, then optional) that
     have widgets; an INT or COMBO widget with ``control_after_generate`` is followed by its
-    control value ("fixed", "randomize", ...), which the API format drops. Linked inputs become
+    control value ("fixed", "randomize", ...), which the API format drops. A workflow saved
+    before an optional widget existed has no value for it: the input is left out (its default). Linked inputs become
     ``[source node id, output slot]``. Frontend-only nodes (notes) and muted/bypassed nodes are skipped.
     """
     links = {link[0]: link for link in workflow["links"]}
@@ -184,6 +185,8 @@ def ui_to_api(workflow: dict, mappings: dict) -> dict:
                 kind = definition[0]
                 options = definition[1] if len(definition) > 1 else {}
                 if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
+                    if not values and section == "optional":
+                        continue
                     inputs[name] = values.pop(0)
                     if options.get("control_after_generate"):
                         values.pop(0)
@@ -215,6 +218,10 @@ def test_converter_handles_seed_control_widgets(host):
     }
     inputs = ui_to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)["3"]["inputs"]
     assert inputs == {"width": 832, "height": 480, "seed": 42, "batch_size": 1, "noise_order": "chunk"}
+    workflow["nodes"][0]["widgets_values"].append(True)  # saved with the later "fused" toggle
+    inputs = ui_to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)["3"]["inputs"]
+    assert inputs["fused"] is True
+
 
 
 # ---------------------------------------------------------------------------------------------

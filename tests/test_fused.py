@@ -61,3 +61,15 @@ def test_in_place_context_is_used_in_the_steady_state_and_equals_gathering(model
     in_place = gf.generate(model, segs, "grounded", seed=5, fused=True, **RUN)
     assert modes.count("in place") > 0 and modes.count("other") > 0
     torch.testing.assert_close(in_place.latents, plain.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_on_a_gpu_without_triton_is_refused_in_one_sentence(monkeypatch):
+    import importlib.util
+
+    from gf_core.stream import check_fused
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(ValueError, match="install triton .* or turn fused off"):
+        check_fused("float32", torch.device("cuda"))
+    check_fused("float32", torch.device("cpu"))  # the CPU compiler needs no Triton
