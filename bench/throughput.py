@@ -129,6 +129,9 @@ def run_row(row: str, args) -> dict:
                        fused=fused))
         torch.cuda.synchronize()
         result["warmup_s"] = time.perf_counter() - began
+        from gf_core.wan import product_gelu_is_tanh
+
+        result["gelu_in_product"] = fused and product_gelu_is_tanh(torch.device(device))
         if decode:
             return _end_to_end(result, model, segments, policy, fused, "decode" in variants, args)
         torch.cuda.reset_peak_memory_stats()

@@ -355,6 +355,7 @@ def forward_chunk(
 
     freqs = rope.frequencies(query_index, grid[1], grid[2], rope_kind, x.device)
     step, rotate = (fused_block_step(), rotate_real) if fused else (block_step, apply_rope)
+    gelu_in_product = fused and product_gelu_is_tanh(x.device)
     converted: dict[int, torch.Tensor] = {}
 
     def rotations(f: torch.Tensor) -> torch.Tensor:
@@ -380,7 +381,7 @@ def forward_chunk(
             ctx_parts = (ctx.keys, ctx.values, ctx.slots, rotations(ctx.freqs))
         keys_only = not compute_output and i == last
         out, k, v = step(block, h, e0, grid[0], heads, freqs, text.keys[i], text.values[i], *ctx_parts, rotate,
-                         attention, own_keys_from * tokens_per_frame, keys_only)
+                         attention, own_keys_from * tokens_per_frame, keys_only, gelu_in_product)
         if capture_kv:
             captured_k.append(k)
             captured_v.append(v)
@@ -417,6 +418,7 @@ def block_step(
     attention: AttentionFn,
     own_from: int = 0,
     keys_only: bool = False,
+    gelu_in_product: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """One DiT block over a chunk's tokens h [B, L, dim]; returns (new h or None, raw k, v [B, L, H, D]).
 
@@ -424,7 +426,8 @@ def block_step(
     attends to the context (the parts of a :class:`Context`, or four Nones) and then to its own
     tokens from ``own_from`` on. Without ``context_slots`` the context is every stored slot in
     order, and ``context_values`` has ``frames`` scratch slots after them for the chunk's values. ``keys_only`` stops once the raw K/V are known (the last block of a
-    cache-writing pass).
+    cache-writing pass). ``gelu_in_product`` applies the FFN's GELU in its first product
+    (:func:`feed_forward`).
     """
     b, length, dim = h.shape
     tokens = length // frames
@@ -462,9 +465,27 @@ def block_step(
     qc = ca.norm_q(ca.q(block.norm3(h))).view(b, -1, heads, hd)
     h = h + ca.o(attention(qc, text_keys, text_values).flatten(2))
 
-    y = block.ffn((block.norm2(h).unflatten(1, (frames, tokens)) * (1 + c_scale) + c_shift).flatten(1, 2))
+    y = feed_forward(block.ffn, (block.norm2(h).unflatten(1, (frames, tokens)) * (1 + c_scale) + c_shift).flatten(1, 2),
+                     gelu_in_product)
     h = h + (y.unflatten(1, (frames, tokens)) * c_gate).flatten(1, 2)
     return h, k, v
+
+
+def feed_forward(ffn: nn.Module, x: torch.Tensor, gelu_in_product: bool = False) -> torch.Tensor:
+    """The block's FFN (Linear, tanh-GELU, Linear) on x [B, L, dim].
+
+    With ``gelu_in_product`` and a plain linear layer in the input's dtype, the GELU is applied by
+    the first matrix product itself (``torch._addmm_activation``: on a GPU an epilogue of the
+    product, before its result is rounded), which saves one pass over the widest activation. Only
+    where :func:`product_gelu_is_tanh` holds: on a CPU that op applies the exact (erf) GELU.
+    """
+    up, act, down = ffn[0], ffn[1], ffn[2]
+    plain = (isinstance(up, nn.Linear) and not getattr(up, "comfy_cast_weights", False)
+             and up.bias is not None and up.weight.dtype == x.dtype)
+    if gelu_in_product and plain and getattr(act, "approximate", None) == "tanh":
+        hidden = torch._addmm_activation(up.bias, x.flatten(0, 1), up.weight.t(), use_gelu=True)
+        return down(hidden.unflatten(0, x.shape[:2]))
+    return ffn(x)
 
 
 def real_freqs(freqs: torch.Tensor) -> torch.Tensor:
@@ -481,6 +502,25 @@ def rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return (xf * table[0] + swapped * table[1]).type_as(x)
+
+
+_TANH_EPILOGUE: dict[torch.device, bool] = {}
+
+
+def product_gelu_is_tanh(device: torch.device) -> bool:
+    """Whether ``torch._addmm_activation(..., use_gelu=True)`` applies Wan's tanh GELU on ``device``
+    (checked once per device on a small float32 product, where tanh and erf GELU differ by ~1e-4)."""
+    device = torch.device(device)
+    if device not in _TANH_EPILOGUE:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(shape, generator=g).to(device) for shape in ((64, 64), (64, 64), (64,)))
+        with torch.inference_mode():
+            product = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+            tanh = F.gelu(torch.addmm(b, x, w.t()), approximate="tanh")
+            erf = F.gelu(torch.addmm(b, x, w.t()))
+        err_tanh, err_erf = float((product - tanh).abs().max()), float((product - erf).abs().max())
+        _TANH_EPILOGUE[device] = err_tanh < 1e-4 < err_erf
+    return _TANH_EPILOGUE[device]
 
 
 _FUSED: list[Callable] = []

@@ -73,3 +73,11 @@ def test_fused_on_a_gpu_without_triton_is_refused_in_one_sentence(monkeypatch):
     with pytest.raises(ValueError, match="install triton .* or turn fused off"):
         check_fused("float32", torch.device("cuda"))
     check_fused("float32", torch.device("cpu"))  # the CPU compiler needs no Triton
+
+
+def test_gelu_in_product_only_where_the_product_applies_tanh_gelu():
+    """``_addmm_activation`` applies the exact GELU on a CPU, Wan's is the tanh one: the fused
+    path keeps the separate GELU there (on a GPU the check decides, once per device)."""
+    from gf_core.wan import product_gelu_is_tanh
+
+    assert product_gelu_is_tanh(torch.device("cpu")) is False
