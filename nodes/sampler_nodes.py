@@ -53,7 +53,7 @@ class GFSampler(io.ComfyNode):
                                        "the length; a different video for the same seed)."),
                 io.Boolean.Input("fused", default=False,
                                  tooltip="Compile each DiT block into one fused graph (torch.compile, needs "
-                                         "Triton on a GPU): about 1.4x faster on an H200 after 10-35 s of compiling "
+                                         "Triton on a GPU): about 1.5x faster on an H200 after 10-35 s of compiling "
                                          "in the first run. Needs GF DR-RoPE precision float32 if that node is "
                                          "used. The video differs from the unfused one by rounding only.",
                                  optional=True),

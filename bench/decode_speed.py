@@ -1,0 +1,59 @@
+"""Wan2.1 VAE stream decode speed on one GPU, with cuDNN's autotuner off and on.
+
+ComfyUI's ``WanVAE`` at the Wan2.1 shape with random weights, bf16, decoding latent frames one
+by one through ``nodes/decoding.StreamDecoder`` (what GF Stream Decode and the end-to-end rows of
+bench/throughput.py do), at 832x480:
+
+    python bench/decode_speed.py --comfyui $GF_COMFYUI_PATH --frames 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfyui", default=os.environ.get("GF_COMFYUI_PATH"))
+    ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    from throughput import wan_vae
+
+    vae, decoding = wan_vae(args.comfyui, "cuda", torch.bfloat16)
+    z = torch.randn(1, 16, args.frames, 60, 104, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    # (a channels_last_3d variant fails: the VAE has parameters of other ranks)
+    for benchmark, layout in ((False, "contiguous"), (True, "contiguous")):
+        torch.backends.cudnn.benchmark = benchmark
+        outputs = []
+        for attempt in ("warm-up", "timed"):
+            decoder = decoding.StreamDecoder(vae)
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            frames = [f for f in decoder.frames(z[:, :, :4] if attempt == "warm-up" else z)]
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - began
+            outputs = frames
+        pixel_frames = sum(f.shape[2] for f in outputs)
+        row = {"cudnn_benchmark": benchmark, "layout": layout, "latent_frames": args.frames,
+               "pixel_frames": pixel_frames, "seconds": seconds, "pixel_fps": pixel_frames / seconds,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.reset_peak_memory_stats()
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
