@@ -39,7 +39,7 @@ def main() -> None:
             decoder = decoding.StreamDecoder(vae)
             torch.cuda.synchronize()
             began = time.perf_counter()
-            frames = [f for f in decoder.frames(z[:, :, :4] if attempt == "warm-up" else z)]
+            frames = list(decoder.frames(z[:, :, :4] if attempt == "warm-up" else z))
             torch.cuda.synchronize()
             seconds = time.perf_counter() - began
             outputs = frames

@@ -97,8 +97,9 @@ def kernel_group(name: str) -> str:
 
 
 def engine_profile(policy: str, compile_blocks: bool) -> dict:
-    import gf_core as gf
     from parity import prompts
+
+    import gf_core as gf
 
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16

@@ -15,7 +15,6 @@ noise just before the chunk instead, so nothing at all grows with the length of 
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import math
 import time

@@ -425,9 +425,9 @@ def block_step(
     ``e0`` [B, frames, 6, dim] is the time projection; ``freqs`` the chunk's rotations; the chunk
     attends to the context (the parts of a :class:`Context`, or four Nones) and then to its own
     tokens from ``own_from`` on. Without ``context_slots`` the context is every stored slot in
-    order, and ``context_values`` has ``frames`` scratch slots after them for the chunk's values. ``keys_only`` stops once the raw K/V are known (the last block of a
-    cache-writing pass). ``gelu_in_product`` applies the FFN's GELU in its first product
-    (:func:`feed_forward`).
+    order, and ``context_values`` has ``frames`` scratch slots after them for the chunk's values.
+    ``keys_only`` stops once the raw K/V are known (the last block of a cache-writing pass).
+    ``gelu_in_product`` applies the FFN's GELU in its first product (:func:`feed_forward`).
     """
     b, length, dim = h.shape
     tokens = length // frames
@@ -465,8 +465,8 @@ def block_step(
     qc = ca.norm_q(ca.q(block.norm3(h))).view(b, -1, heads, hd)
     h = h + ca.o(attention(qc, text_keys, text_values).flatten(2))
 
-    y = feed_forward(block.ffn, (block.norm2(h).unflatten(1, (frames, tokens)) * (1 + c_scale) + c_shift).flatten(1, 2),
-                     gelu_in_product)
+    x = (block.norm2(h).unflatten(1, (frames, tokens)) * (1 + c_scale) + c_shift).flatten(1, 2)
+    y = feed_forward(block.ffn, x, gelu_in_product)
     h = h + (y.unflatten(1, (frames, tokens)) * c_gate).flatten(1, 2)
     return h, k, v
 
