@@ -74,7 +74,7 @@ class GFSampler(io.ComfyNode):
                              model.load_device)
         dtype = _compute_dtype(model.model)
         mm.load_models_gpu([model], memory_required=sampling.working_bytes(cfg, memory, width, height,
-                                                                           batch_size, dtype))
+                                                                           batch_size, dtype, fused))
         device = model.load_device
         previewer = latent_preview.get_previewer(device, model.model.latent_format)
         pbar = comfy.utils.ProgressBar(sampling.chunk_count(segments))

@@ -83,16 +83,18 @@ def chunk_count(segments: Segments) -> int:
 
 
 def working_bytes(cfg: WanConfig, memory: MemoryPolicy, width: int, height: int, batch_size: int,
-                  dtype: torch.dtype) -> int:
+                  dtype: torch.dtype, fused: bool = False) -> int:
     """A rough budget of the GPU memory a run needs besides the weights (for model offloading).
 
-    The K/V store of every cached frame in every block, plus the largest chunk forward
-    (a context of every cached frame and the chunk, a few activations of width ``ffn_dim``).
+    The K/V store of every cached frame in every block (fused: plus a chunk of value slots),
+    plus the largest chunk forward (a context of every cached frame and the chunk, a few
+    activations of width ``ffn_dim``).
     """
     tokens = (height // 16) * (width // 16)
     cached = sum(r.frames for r in memory.regions)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    store = 2 * cfg.num_layers * batch_size * cached * tokens * cfg.dim * itemsize
+    slots = 2 * cached + (CHUNK_FRAMES if fused else 0)  # keys, values (+ scratch values)
+    store = cfg.num_layers * batch_size * slots * tokens * cfg.dim * itemsize
     chunk_tokens = batch_size * CHUNK_FRAMES * tokens
     forward = (4 * cfg.ffn_dim + 8 * cfg.dim) * chunk_tokens * itemsize + 2 * (cached + CHUNK_FRAMES) * tokens * cfg.dim * itemsize
     return store + forward

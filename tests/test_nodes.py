@@ -389,3 +389,12 @@ def test_workflow_links_are_consistent(path):
     notes = " ".join(" ".join(map(str, n.get("widgets_values", []))) for n in wf["nodes"] if "Note" in n["type"])
     for loader in (n for n in wf["nodes"] if n["type"] in ("GFLoadCausalWanModel", "CLIPLoader", "VAELoader")):
         assert loader["widgets_values"][0] in notes  # the Note says which file and where to get it
+
+
+def test_working_bytes_counts_the_fused_scratch_values():
+    cfg = gf.WanConfig()
+    memory = policy.build_memory()
+    plain = sampling.working_bytes(cfg, memory, 832, 480, 1, torch.bfloat16)
+    fused = sampling.working_bytes(cfg, memory, 832, 480, 1, torch.bfloat16, fused=True)
+    # three frames of values in every block: 30 x 3 x 1560 tokens x 1536 x 2 bytes
+    assert fused - plain == 30 * 3 * 1560 * 1536 * 2
