@@ -537,9 +537,21 @@ def fused_block_step() -> Callable:
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _FUSED.append(torch.compile(block_step, fullgraph=True))
-    return _FUSED[0]
+        compiled = torch.compile(block_step, fullgraph=True)
 
+        def step(*args):
+            try:
+                return compiled(*args)
+            except Exception as e:
+                if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    raise RuntimeError(
+                        f"fused blocks could not be compiled here ({type(e).__name__}); turn fused off, or "
+                        "install what torch.compile needs (Triton on a GPU, a C++ compiler on a CPU)"
+                    ) from e
+                raise
+
+        _FUSED.append(step)
+    return _FUSED[0]
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, ...], channels: int) -> torch.Tensor:

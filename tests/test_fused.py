@@ -81,3 +81,22 @@ def test_gelu_in_product_only_where_the_product_applies_tanh_gelu():
     from gf_core.wan import product_gelu_is_tanh
 
     assert product_gelu_is_tanh(torch.device("cpu")) is False
+
+
+def test_a_compile_failure_is_one_sentence(model, monkeypatch):
+    import gf_core.wan as wan
+
+    class BackendCompilerFailed(Exception):
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._dynamo.exc"
+
+    def failing_compile(fn, **options):
+        def run(*args):
+            raise BackendCompilerFailed("no compiler")
+        return run
+
+    monkeypatch.setattr(wan, "_FUSED", [])
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with pytest.raises(RuntimeError, match=r"could not be compiled here \(BackendCompilerFailed\); turn fused off"):
+        next(gf.stream(model, [gf.Segment(prompt(0), 3)], "grounded", fused=True, **RUN))
