@@ -523,6 +523,10 @@ def product_gelu_is_tanh(device: torch.device) -> bool:
     return _TANH_EPILOGUE[device]
 
 
+class CompileError(RuntimeError):
+    """Fused blocks could not be compiled on this machine (raised before any block has run fused)."""
+
+
 _FUSED: list[Callable] = []
 
 
@@ -544,7 +548,7 @@ def fused_block_step() -> Callable:
                 return compiled(*args)
             except Exception as e:
                 if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                    raise RuntimeError(
+                    raise CompileError(
                         f"fused blocks could not be compiled here ({type(e).__name__}); turn fused off, or "
                         "install what torch.compile needs (Triton on a GPU, a C++ compiler on a CPU)"
                     ) from e

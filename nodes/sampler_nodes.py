@@ -51,12 +51,12 @@ class GFSampler(io.ComfyNode):
                                tooltip="reference: draw the whole video's initial noise first, as the research code "
                                        "does (same seed, same video). chunk: draw it per chunk (nothing grows with "
                                        "the length; a different video for the same seed)."),
-                io.Boolean.Input("fused", default=False,
-                                 tooltip="Compile each DiT block into one fused graph (torch.compile, needs "
-                                         "Triton on a GPU): about 1.5x faster on an H200 after 10-35 s of compiling "
-                                         "in the first run. Needs GF DR-RoPE precision float32 if that node is "
-                                         "used. The video differs from the unfused one by rounding only.",
-                                 optional=True),
+                io.Combo.Input("fused", options=list(sampling.FUSED_CHOICES), default="auto", optional=True,
+                               tooltip="Compile each DiT block into one fused graph (torch.compile): about 1.5x "
+                                       "faster on an H200, after 10-35 s of compiling in the first run; the video "
+                                       "differs by rounding only. auto: where it can run (an NVIDIA GPU with "
+                                       "Triton, GF DR-RoPE precision float32), and unfused if compiling fails; "
+                                       "on: always (an error says what is missing); off: never."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="Raw Wan latents [B, 16, F, H/8, W/8]."),
@@ -67,14 +67,14 @@ class GFSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, memory, segments, width: int, height: int, seed: int, batch_size: int,
-                noise_order: str, fused: bool = False) -> io.NodeOutput:
+                noise_order: str, fused: str = "auto") -> io.NodeOutput:
         module = model.model.diffusion_model
         memory, rope_kind = apply_rope(memory, rope_options(model.model_options))
         cfg = sampling.check(module, segments, memory, width, height, batch_size, noise_order, fused, rope_kind,
                              model.load_device)
         dtype = _compute_dtype(model.model)
-        mm.load_models_gpu([model], memory_required=sampling.working_bytes(cfg, memory, width, height,
-                                                                           batch_size, dtype, fused))
+        mm.load_models_gpu([model], memory_required=sampling.working_bytes(
+            cfg, memory, width, height, batch_size, dtype, sampling.resolve_fused(fused, rope_kind, model.load_device)))
         device = model.load_device
         previewer = latent_preview.get_previewer(device, model.model.latent_format)
         pbar = comfy.utils.ProgressBar(sampling.chunk_count(segments))

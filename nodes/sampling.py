@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from torch import nn
 from ..gf_core import ChunkResult, MemoryPolicy, WanConfig, pixel_frames, stream
 from ..gf_core.latents import to_raw
 from ..gf_core.stream import LATENT_CHANNELS, check_fused, chunk_plan, validate
+from ..gf_core.wan import CompileError
 from .policy import CHUNK_FRAMES
 from .prompts import FPS, Segments
 
@@ -62,20 +64,34 @@ def check_model(module: nn.Module) -> WanConfig:
 
 def check(
     module: nn.Module, segments: Segments, memory: MemoryPolicy, width: int, height: int, batch_size: int,
-    noise_order: str = "reference", fused: bool = False, rope_kind: str = "float32",
+    noise_order: str = "reference", fused: str = "off", rope_kind: str = "float32",
     device: torch.device | None = None,
 ) -> WanConfig:
     """Every check that can fail before the model is loaded; one-sentence ValueErrors."""
     cfg = check_model(module)
     if noise_order not in NOISE_ORDERS:
         raise ValueError(f"unknown noise order '{noise_order}'; use one of {', '.join(NOISE_ORDERS)}")
-    if fused and rope_kind != "float32":
+    if fused not in FUSED_CHOICES:
+        raise ValueError(f"unknown fused setting '{fused}'; use one of {', '.join(FUSED_CHOICES)}")
+    if fused == "on" and rope_kind != "float32":
         raise ValueError(f"fused blocks rotate in float32, but GF DR-RoPE asks for {rope_kind}; set its "
-                         "precision to float32 or turn fused off")
-    if fused and device is not None:
+                         "precision to float32 or set fused to auto or off")
+    if fused == "on" and device is not None:
         check_fused(rope_kind, torch.device(device))
     validate(cfg, list(segments), memory, height, width, batch_size, CHUNK_FRAMES)
     return cfg
+
+
+FUSED_CHOICES = ("auto", "on", "off")
+
+
+def resolve_fused(choice: str, rope_kind: str, device: torch.device | str | None) -> bool:
+    """Whether a run uses fused blocks: "on" and "off" as asked; "auto" where they can run (a CUDA
+    device with Triton, float32 RoPE)."""
+    if choice == "auto":
+        return (device is not None and torch.device(device).type == "cuda" and rope_kind == "float32"
+                and importlib.util.find_spec("triton") is not None)
+    return choice == "on"
 
 
 def chunk_count(segments: Segments) -> int:
@@ -124,7 +140,7 @@ def sample(
     batch_size: int = 1,
     noise_order: str = "reference",
     rope_kind: str = "float32",
-    fused: bool = False,
+    fused: str = "off",
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     on_chunk: Callable[[int, int, ChunkResult], None] | None = None,
@@ -138,8 +154,11 @@ def sample(
         between_chunks: called before every chunk but the first (interruption checks).
         keep_partial: called with the finished raw latents and events when the run stops early
             (interrupted or failed after at least one chunk); returns where they were saved.
+        fused: "on", "off" or "auto" (:func:`resolve_fused`); with "auto", a machine where the blocks
+            cannot be compiled samples unfused instead (the first chunk has not been made then).
     """
     check(module, segments, memory, width, height, batch_size, noise_order, fused, rope_kind, device)
+    use_fused = resolve_fused(fused, rope_kind, device)
     total = chunk_count(segments)
     latent_frames = total * CHUNK_FRAMES
     header = {
@@ -148,7 +167,7 @@ def sample(
             "index_rule": memory.index_rule,
             "rope_range": memory.rope_range,
             "rope_precision": rope_kind,
-            "fused": fused,
+            "fused": use_fused,
             "width": width,
             "height": height,
             "seed": seed,
@@ -163,18 +182,8 @@ def sample(
     }
     chunks: list[torch.Tensor] = []
     events: list[dict] = []
-    run = stream(module, list(segments), memory, height=height, width=width, batch_size=batch_size, seed=seed,
-                 chunk_frames=CHUNK_FRAMES, dtype=dtype, device=device, noise_order=noise_order,
-                 rope_kind=rope_kind, output_device="cpu", fused=fused)
-    try:
-        for chunk in run:
-            chunks.append(chunk.latents.float())
-            events.append(chunk.event)
-            if on_chunk is not None:
-                on_chunk(chunk.index, total, chunk)
-            if between_chunks is not None and chunk.index + 1 < total:
-                between_chunks()
-    except BaseException:
+
+    def stop(run) -> None:
         run.close()  # drops the K/V store before anything else happens
         if chunks and keep_partial is not None:
             where = keep_partial(to_raw(torch.cat(chunks, dim=2)), events)
@@ -183,5 +192,28 @@ def sample(
                 "(move it to ComfyUI's input folder and open it with Load Latent, then VAE Decode)",
                 len(chunks), total, len(chunks) * CHUNK_FRAMES, where,
             )
-        raise
+
+    while True:
+        run = stream(module, list(segments), memory, height=height, width=width, batch_size=batch_size, seed=seed,
+                     chunk_frames=CHUNK_FRAMES, dtype=dtype, device=device, noise_order=noise_order,
+                     rope_kind=rope_kind, output_device="cpu", fused=use_fused)
+        try:
+            for chunk in run:
+                chunks.append(chunk.latents.float())
+                events.append(chunk.event)
+                if on_chunk is not None:
+                    on_chunk(chunk.index, total, chunk)
+                if between_chunks is not None and chunk.index + 1 < total:
+                    between_chunks()
+            break
+        except CompileError as e:
+            if fused != "auto" or chunks:
+                stop(run)
+                raise
+            run.close()
+            log.warning("Grounded Forcing: %s; sampling without fused blocks", e)
+            use_fused = header["run"]["fused"] = False
+        except BaseException:
+            stop(run)
+            raise
     return SampleResult(to_raw(torch.cat(chunks, dim=2)), header, events)

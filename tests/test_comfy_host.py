@@ -218,9 +218,9 @@ def test_converter_handles_seed_control_widgets(host):
     }
     inputs = ui_to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)["3"]["inputs"]
     assert inputs == {"width": 832, "height": 480, "seed": 42, "batch_size": 1, "noise_order": "chunk"}
-    workflow["nodes"][0]["widgets_values"].append(True)  # saved with the later "fused" toggle
+    workflow["nodes"][0]["widgets_values"].append("on")  # saved with the later "fused" setting
     inputs = ui_to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)["3"]["inputs"]
-    assert inputs["fused"] is True
+    assert inputs["fused"] == "on"
 
 
 
@@ -502,7 +502,7 @@ def test_fused_sampler_through_comfyui_modules_equals_unfused(host):
                                    prompts.make_transition("apr", 0.8, 0.0))
     outs = [nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
                                        height=32, seed=0, batch_size=1, noise_order="chunk",
-                                       fused=fused).args[0]["samples"] for fused in (False, True)]
+                                       fused=fused).args[0]["samples"] for fused in ("off", "on")]
     assert torch.allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5), float((outs[1] - outs[0]).abs().max())
 
 
@@ -515,9 +515,9 @@ def test_fused_sampler_refuses_complex128_rope_before_loading(host):
     model = nodes["GFDRRoPE"].execute(model=model, mode="dr_rope", rope_range=21, layout="pinned_end",
                                       precision="complex128").args[0]
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096), 6)
-    with pytest.raises(ValueError, match="set its precision to float32 or turn fused off"):
+    with pytest.raises(ValueError, match="set its precision to float32 or set fused to auto or off"):
         nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
-                                   height=32, seed=0, batch_size=1, noise_order="chunk", fused=True)
+                                   height=32, seed=0, batch_size=1, noise_order="chunk", fused="on")
 
 
 def test_overlapped_decoder_gives_the_stream_decoder_frames_in_order(host):

@@ -398,3 +398,47 @@ def test_working_bytes_counts_the_fused_scratch_values():
     fused = sampling.working_bytes(cfg, memory, 832, 480, 1, torch.bfloat16, fused=True)
     # three frames of values in every block: 30 x 3 x 1560 tokens x 1536 x 2 bytes
     assert fused - plain == 30 * 3 * 1560 * 1536 * 2
+
+
+def test_fused_auto_is_on_only_where_it_can_run(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    assert sampling.resolve_fused("auto", "float32", torch.device("cpu")) is False
+    assert sampling.resolve_fused("on", "float32", torch.device("cpu")) is True
+    assert sampling.resolve_fused("off", "float32", torch.device("cuda")) is False
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    assert sampling.resolve_fused("auto", "float32", torch.device("cuda")) is True
+    assert sampling.resolve_fused("auto", "complex128", torch.device("cuda")) is False
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert sampling.resolve_fused("auto", "float32", torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="unknown fused setting 'yes'; use one of auto, on, off"):
+        sampling.check(gf.WanModel.from_state_dict(gf.random_state_dict(gf.WanConfig.tiny())), story(),
+                       policy.build_memory(), 32, 32, 1, fused="yes")
+
+
+def test_fused_auto_samples_unfused_where_compiling_fails(tiny_model, monkeypatch, caplog):
+    """"auto" never costs a run: when the blocks cannot be compiled, the same video is made unfused."""
+    import grounded_forcing.gf_core.wan as wan
+
+    class BackendCompilerFailed(Exception):
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._inductor.exc"
+
+    def failing_compile(fn, **options):
+        def run(*args):
+            raise BackendCompilerFailed("no compiler")
+        return run
+
+    monkeypatch.setattr(wan, "_FUSED", [])
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(sampling, "resolve_fused", lambda choice, rope_kind, device: choice != "off")
+    segments, memory = story(), policy.build_memory("grounded")
+    plain = sampling.sample(tiny_model, segments, memory, width=32, height=32, seed=2, fused="off")
+    with caplog.at_level("WARNING"):
+        auto = sampling.sample(tiny_model, segments, memory, width=32, height=32, seed=2, fused="auto")
+    assert "could not be compiled here (BackendCompilerFailed); turn fused off" in caplog.text
+    assert torch.equal(auto.latents, plain.latents) and auto.header["run"]["fused"] is False
+    with pytest.raises(wan.CompileError):
+        sampling.sample(tiny_model, segments, memory, width=32, height=32, seed=2, fused="on")
