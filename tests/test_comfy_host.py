@@ -506,6 +506,20 @@ def test_fused_sampler_through_comfyui_modules_equals_unfused(host):
     assert torch.allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5), float((outs[1] - outs[0]).abs().max())
 
 
+def test_fused_sampler_with_fp8_weights_equals_unfused(host):
+    """fp8 storage: ComfyUI's layers cast their weights per call, inside the compiled graph too."""
+    from grounded_forcing.nodes import policy, prompts
+
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
+                                                  lora_strength=1.0, weight_dtype="fp8_e4m3fn").args[0]
+    segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(0)), 6)
+    outs = [nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
+                                       height=32, seed=0, batch_size=1, noise_order="chunk",
+                                       fused=fused).args[0]["samples"] for fused in ("off", "on")]
+    assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=1e-4), float((outs[1] - outs[0]).abs().max())
+
+
 def test_fused_sampler_refuses_complex128_rope_before_loading(host):
     from grounded_forcing.nodes import policy, prompts
 
