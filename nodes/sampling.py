@@ -207,7 +207,7 @@ def sample(
                     between_chunks()
             break
         except CompileError as e:
-            if fused != "auto" or chunks:
+            if fused != "auto" or chunks or not use_fused:
                 stop(run)
                 raise
             run.close()
