@@ -94,15 +94,8 @@ class FrameStore:
         def on_kv(block: int, k: torch.Tensor, v: torch.Tensor) -> None:
             for frame, slot in plain:
                 self.write_block(block, slot, k, v, frame, frames)
-            if len(blends) == 1:
-                frame, slot, alpha = blends[0]
-                self.write_block(block, slot, k, v, frame, frames, alpha)
-            elif blends:
-                if self.keys is None:  # allocate through the one-frame path, then blend as usual
-                    self.write_block(block, blends[0][1], k, v, blends[0][0], frames, blends[0][2])
-                    self._blend(block, k, v, frames, blends[1:], {})
-                else:
-                    self._blend(block, k, v, frames, blends, index)
+            if blends:  # blends re-weigh stored frames, so the store exists by now
+                self._blend(block, k, v, frames, blends, index)
 
         return on_kv
 

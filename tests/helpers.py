@@ -107,3 +107,21 @@ class StubKV:
 
 def no_source(slots: list[int], indices: list[int]):
     raise AssertionError("only the LongLive recache asks for a context source")
+
+
+def fail_compiling(monkeypatch, wan_module, error_module: str = "torch._dynamo.exc") -> None:
+    """Make fused blocks fail to compile: ``torch.compile`` returns a function raising an error from
+    ``error_module`` (where PyTorch's compile errors live), as on a machine without a compiler."""
+
+    class BackendCompilerFailed(Exception):
+        pass
+
+    BackendCompilerFailed.__module__ = error_module
+
+    def failing_compile(fn, **options):
+        def run(*args):
+            raise BackendCompilerFailed("no compiler")
+        return run
+
+    monkeypatch.setattr(wan_module, "_FUSED", [])
+    monkeypatch.setattr(torch, "compile", failing_compile)

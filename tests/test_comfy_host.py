@@ -489,34 +489,36 @@ def test_bf16_model_without_manual_cast_runs_as_on_a_gpu(host, monkeypatch):
     assert latents.shape == (1, 16, 6, 4, 4) and torch.isfinite(latents).all()
 
 
-def test_fused_sampler_through_comfyui_modules_equals_unfused(host):
-    """``fused`` compiles ComfyUI's own WanModel blocks (its cast-on-the-fly layers) too."""
-    from grounded_forcing.nodes import policy, prompts
+def _fused_and_unfused(host, weight_dtype: str, segments) -> list[torch.Tensor]:
+    """GF Sampler's latents with fused "off", then "on", for the tiny model stored in ``weight_dtype``."""
+    from grounded_forcing.nodes import policy
 
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
-                                                  lora_strength=1.0, weight_dtype="default").args[0]
+                                                  lora_strength=1.0, weight_dtype=weight_dtype).args[0]
+    return [nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
+                                       height=32, seed=0, batch_size=1, noise_order="chunk",
+                                       fused=fused).args[0]["samples"] for fused in ("off", "on")]
+
+
+def test_fused_sampler_through_comfyui_modules_equals_unfused(host):
+    """``fused`` compiles ComfyUI's own WanModel blocks (its cast-on-the-fly layers) too."""
+    from grounded_forcing.nodes import prompts
+
     g = torch.Generator().manual_seed(0)
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=g), 9)
     segments = prompts.add_segment(segments, torch.randn(1, 16, 4096, generator=g), 6,
                                    prompts.make_transition("apr", 0.8, 0.0))
-    outs = [nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
-                                       height=32, seed=0, batch_size=1, noise_order="chunk",
-                                       fused=fused).args[0]["samples"] for fused in ("off", "on")]
+    outs = _fused_and_unfused(host, "default", segments)
     assert torch.allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5), float((outs[1] - outs[0]).abs().max())
 
 
 def test_fused_sampler_with_fp8_weights_equals_unfused(host):
     """fp8 storage: ComfyUI's layers cast their weights per call, inside the compiled graph too."""
-    from grounded_forcing.nodes import policy, prompts
+    from grounded_forcing.nodes import prompts
 
-    nodes = host.nodes.NODE_CLASS_MAPPINGS
-    model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
-                                                  lora_strength=1.0, weight_dtype="fp8_e4m3fn").args[0]
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(0)), 6)
-    outs = [nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
-                                       height=32, seed=0, batch_size=1, noise_order="chunk",
-                                       fused=fused).args[0]["samples"] for fused in ("off", "on")]
+    outs = _fused_and_unfused(host, "fp8_e4m3fn", segments)
     assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=1e-4), float((outs[1] - outs[0]).abs().max())
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CFG, RUN, prompt
+from helpers import CFG, RUN, fail_compiling, prompt
 
 import gf_core as gf
 from gf_core.rope import RopeTable, apply_rope
@@ -95,17 +95,6 @@ def test_gelu_in_product_only_where_the_product_applies_tanh_gelu():
 def test_a_compile_failure_is_one_sentence(model, monkeypatch):
     import gf_core.wan as wan
 
-    class BackendCompilerFailed(Exception):
-        pass
-
-    BackendCompilerFailed.__module__ = "torch._dynamo.exc"
-
-    def failing_compile(fn, **options):
-        def run(*args):
-            raise BackendCompilerFailed("no compiler")
-        return run
-
-    monkeypatch.setattr(wan, "_FUSED", [])
-    monkeypatch.setattr(torch, "compile", failing_compile)
+    fail_compiling(monkeypatch, wan)
     with pytest.raises(RuntimeError, match=r"could not be compiled here \(BackendCompilerFailed\); turn fused off"):
         next(gf.stream(model, [gf.Segment(prompt(0), 3)], "grounded", fused=True, **RUN))

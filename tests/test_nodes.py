@@ -12,6 +12,7 @@ from grounded_forcing import gf_core as gf
 from grounded_forcing.gf_core.checkpoints import CheckpointError
 from grounded_forcing.gf_core.latents import to_normalised, to_raw
 from grounded_forcing.nodes import loading, policy, prompts, sampling
+from helpers import fail_compiling
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -421,18 +422,7 @@ def test_fused_auto_samples_unfused_where_compiling_fails(tiny_model, monkeypatc
     """"auto" never costs a run: when the blocks cannot be compiled, the same video is made unfused."""
     import grounded_forcing.gf_core.wan as wan
 
-    class BackendCompilerFailed(Exception):
-        pass
-
-    BackendCompilerFailed.__module__ = "torch._inductor.exc"
-
-    def failing_compile(fn, **options):
-        def run(*args):
-            raise BackendCompilerFailed("no compiler")
-        return run
-
-    monkeypatch.setattr(wan, "_FUSED", [])
-    monkeypatch.setattr(torch, "compile", failing_compile)
+    fail_compiling(monkeypatch, wan, "torch._inductor.exc")
     monkeypatch.setattr(sampling, "resolve_fused", lambda choice, rope_kind, device: choice != "off")
     segments, memory = story(), policy.build_memory("grounded")
     plain = sampling.sample(tiny_model, segments, memory, width=32, height=32, seed=2, fused="off")
