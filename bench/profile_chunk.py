@@ -89,6 +89,8 @@ def block_matmuls(tokens: int = 4680) -> dict:
 
 def kernel_group(name: str) -> str:
     n = name.lower()
+    if n.startswith("triton_"):  # compiled elementwise kernels name the ops they fused, SDPA's too
+        return "other"
     if any(s in n for s in ("fmha", "flash", "attention", "attn", "cudnn")):
         return "attention"
     if any(s in n for s in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul")):
