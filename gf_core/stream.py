@@ -181,7 +181,8 @@ def stream(
         rope_kind: "float32" (fast) or "complex128" (the references' float64 rotation).
         output_device: where yielded latents live (None: the run device).
         fused: run each DiT block as one ``torch.compile``'d graph (faster on a GPU; the first chunks
-            and the first switch compile, about a minute in all). Needs ``rope_kind="float32"``.
+            and the first switch compile: 9-35 s in all on an H200, docs/PERF.md). Needs
+            ``rope_kind="float32"``.
     """
     policy = preset(memory, chunk_frames) if isinstance(memory, str) else memory
     cfg = WanConfig.from_module(model)
