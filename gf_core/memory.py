@@ -61,12 +61,8 @@ class FrameStore:
             self.latents = latents.new_empty(b, c, self.slots, h, w)
         self.latents[:, :, slot] = latents[:, :, frame]
 
-    def write_block(self, block: int, slot: int, k: torch.Tensor, v: torch.Tensor, frame: int, frames: int,
-                    alpha: float = 1.0) -> None:
-        """Store frame ``frame`` of a forward's raw K/V ([B, frames*T, H, D]) of one block in ``slot``.
-
-        ``alpha`` < 1 blends instead: K' = (1 - alpha) K_old + alpha K_new, same for V (Eq. 11), in float32.
-        """
+    def write_block(self, block: int, slot: int, k: torch.Tensor, v: torch.Tensor, frame: int, frames: int) -> None:
+        """Store frame ``frame`` of a forward's raw K/V ([B, frames*T, H, D]) of one block in ``slot``."""
         if self.keys is None:
             b, length, heads, dim = k.shape
             shape = (self.layers, b, self.slots, length // frames, heads, dim)
@@ -74,18 +70,13 @@ class FrameStore:
             self.values = k.new_empty(shape[:2] + (self.slots + self.scratch,) + shape[3:])
         t = self.keys.shape[3]
         for store, new in ((self.keys, k), (self.values, v)):
-            part = new[:, frame * t:(frame + 1) * t]
-            if alpha == 1.0:
-                store[block, :, slot] = part
-            else:
-                old = store[block, :, slot]
-                store[block, :, slot] = torch.lerp(old.float(), part.float(), alpha).to(old.dtype)
+            store[block, :, slot] = new[:, frame * t:(frame + 1) * t]
 
     def writer(self, writes: list[tuple[int, int, float]], frames: int):
         """A forward's per-block K/V callback storing (frame in forward, slot, alpha) triples.
 
-        Blends (alpha < 1) of a block run as one lerp over all their frames, with the same float32
-        arithmetic per element as :meth:`write_block`.
+        alpha 1 stores the frame; alpha < 1 blends it into the slot, K' = (1 - alpha) K_old +
+        alpha K_new, same for V (Eq. 11), in float32: one lerp over all blended frames of a block.
         """
         plain = [(frame, slot) for frame, slot, alpha in writes if alpha == 1.0]
         blends = [(frame, slot, alpha) for frame, slot, alpha in writes if alpha != 1.0]

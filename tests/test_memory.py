@@ -187,8 +187,9 @@ def test_segment_boundaries_round_up_to_chunks(model):
     assert switches == [None, None, ("longlive", 6), ("longlive", 9)]
 
 
-def test_writer_blends_many_frames_as_write_block_does_one_by_one():
-    """The writer runs the blends of a block as one lerp: bit-identical to frame-by-frame writes."""
+def test_writer_blends_many_frames_as_one_by_one_lerps():
+    """The writer runs the blends of a block as one lerp: bit-identical to a float32 lerp per frame
+    (Eq. 11), and plain stores for alpha 1."""
     from gf_core.memory import FrameStore
 
     g = torch.Generator().manual_seed(4)
@@ -202,6 +203,8 @@ def test_writer_blends_many_frames_as_write_block_does_one_by_one():
     for block in range(2):
         stores[0].writer(writes, 4)(block, *new)
         for frame, slot, alpha in writes:
-            stores[1].write_block(block, slot, *new, frame, 4, alpha)
+            for store, tensor in ((stores[1].keys, new[0]), (stores[1].values, new[1])):
+                part, old = tensor.view(1, 4, 4, 2, 8)[:, frame], store[block, :, slot]
+                store[block, :, slot] = part if alpha == 1.0 else torch.lerp(old.float(), part.float(), alpha)
     assert torch.equal(stores[0].keys, stores[1].keys) and torch.equal(stores[0].values, stores[1].values)
     assert not torch.equal(stores[0].keys[1, :, 0], first[0].view(1, 6, 4, 2, 8)[:, 0])  # blended
