@@ -15,6 +15,7 @@ import torch
 
 from .policies import FILL_FIFO, FILL_FIRST, FILL_JUNCTION, FILL_PROMOTED, MemoryPolicy
 from .rope import RopeTable
+from .transfer import index_tensor, upload
 from .wan import ChunkKV, Context
 
 
@@ -76,34 +77,21 @@ class FrameStore:
         """A forward's per-block K/V callback storing (frame in forward, slot, alpha) triples.
 
         alpha 1 stores the frame; alpha < 1 blends it into the slot, K' = (1 - alpha) K_old +
-        alpha K_new, same for V (Eq. 11), in float32: one lerp over all blended frames of a block.
+        alpha K_new, same for V (Eq. 11): one in-place lerp per frame, which PyTorch computes in
+        float32 and rounds once (bit-identical to a float32 lerp cast back; no gather, no copies).
         """
         plain = [(frame, slot) for frame, slot, alpha in writes if alpha == 1.0]
         blends = [(frame, slot, alpha) for frame, slot, alpha in writes if alpha != 1.0]
-        index: dict[str, torch.Tensor] = {}
 
         def on_kv(block: int, k: torch.Tensor, v: torch.Tensor) -> None:
             for frame, slot in plain:
                 self.write_block(block, slot, k, v, frame, frames)
-            if blends:  # blends re-weigh stored frames, so the store exists by now
-                self._blend(block, k, v, frames, blends, index)
+            t = k.shape[1] // frames
+            for frame, slot, alpha in blends:  # blends re-weigh stored frames, so the store exists by now
+                for store, new in ((self.keys, k), (self.values, v)):
+                    store[block, :, slot].lerp_(new[:, frame * t:(frame + 1) * t], alpha)
 
         return on_kv
-
-    def _blend(self, block: int, k: torch.Tensor, v: torch.Tensor, frames: int,
-               blends: list[tuple[int, int, float]], index: dict[str, torch.Tensor]) -> None:
-        if not index:
-            device = self.keys.device
-            index["frames"] = torch.tensor([f for f, _, _ in blends], device=device)
-            index["slots"] = torch.tensor([s for _, s, _ in blends], device=device)
-            index["alpha"] = torch.tensor([a for _, _, a in blends], dtype=torch.float32,
-                                          device=device).view(1, -1, 1, 1, 1)
-        t = self.keys.shape[3]
-        for store, new in ((self.keys, k), (self.values, v)):
-            part = new.unflatten(1, (frames, t)).index_select(1, index["frames"])
-            old = store[block].index_select(1, index["slots"])
-            blended = torch.lerp(old.float(), part.float(), index["alpha"]).to(old.dtype)
-            store[block].index_copy_(1, index["slots"], blended)
 
 
 class ContextSource:
@@ -122,12 +110,12 @@ class ContextSource:
         self.slot_index = None
         self.whole_freqs = None
         if slots:
-            self.slot_index = torch.tensor(slots, dtype=torch.long, device=store.keys.device)
+            self.slot_index = index_tensor(slots, store.keys.device)
             if store.scratch and sorted(slots) == list(range(store.slots)):
                 tokens = freqs.shape[0] // len(slots)
                 order = torch.tensor(sorted(range(len(slots)), key=slots.__getitem__))
                 rows = (order[:, None] * tokens + torch.arange(tokens)).flatten()
-                self.whole_freqs = freqs.index_select(0, rows.to(freqs.device))
+                self.whole_freqs = freqs.index_select(0, upload(rows, freqs.device))
 
     def context(self, block: int) -> Context | None:
         if self.slot_index is None:
@@ -473,10 +461,12 @@ def diversity_decision(z: torch.Tensor, anchors: torch.Tensor) -> dict:
     """
     zn = z / z.norm().clamp_min(1e-12)
     gn = anchors / anchors.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    importance = 1.0 - float((gn @ zn).max())
     sim = gn @ gn.T
     sim.fill_diagonal_(float("-inf"))
     redundancy = sim.max(dim=1).values
-    target = int(redundancy.argmax())
-    r = float(redundancy[target])
+    # one copy to the host (each would make the host wait for the GPU)
+    closest, *redundancy = torch.cat([(gn @ zn).max().view(1), redundancy]).tolist()
+    importance = 1.0 - closest
+    target = max(range(len(redundancy)), key=redundancy.__getitem__)  # the first maximum, as argmax
+    r = redundancy[target]
     return {"importance": importance, "redundancy": r, "target": target, "replace": importance > r}

@@ -17,6 +17,7 @@ import torch
 
 from .memory import ContextSource, Memory
 from .policies import FILL_FIRST, FILL_JUNCTION, MemoryPolicy
+from .transfer import index_tensor
 
 Encode = Callable[..., object]
 SourceFor = Callable[[list[int], list[int]], ContextSource]
@@ -97,7 +98,8 @@ def _proximity_recache(memory: Memory, transition: Transition, kind: str, switch
     report = {f"{name}:{f.index}": a for (name, f), a in zip(frames, alphas)}
     if not any(alphas):
         return report
-    latents = memory.store.latents[:, :, [f.slot for _, f in frames]]
+    store = memory.store.latents
+    latents = store.index_select(2, index_tensor([f.slot for _, f in frames], store.device))
     writes = [(j, f.slot, a) for j, ((_, f), a) in enumerate(zip(frames, alphas)) if a > 0]
     encode(latents, plan.key_index, None, on_kv=memory.store.writer(writes, len(frames)))
     return report

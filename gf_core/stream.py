@@ -30,7 +30,8 @@ from .policies import MemoryPolicy, preset
 from .recache import Transition, apply_switch, resolve
 from .rope import RopeTable
 from .sampler import Schedule, renoise, to_x0
-from .wan import AttentionFn, TextContext, WanConfig, encode_text, forward_chunk, sdpa_attention
+from .transfer import start_download, upload
+from .wan import AttentionFn, TextContext, WanConfig, encode_text, forward_chunk, fused_attention, sdpa_attention
 
 LATENT_CHANNELS = 16
 SPATIAL_DOWNSCALE = 8  # Wan VAE: 8 pixels per latent pixel
@@ -167,6 +168,7 @@ def stream(
     rope_kind: str = "float32",
     output_device: str | torch.device | None = "cpu",
     fused: bool = False,
+    overlap: bool | None = None,
 ) -> Iterator[ChunkResult]:
     """Generate a latent video chunk by chunk; see the module docstring for the draw order.
 
@@ -182,7 +184,11 @@ def stream(
         output_device: where yielded latents live (None: the run device).
         fused: run each DiT block as one ``torch.compile``'d graph (faster on a GPU; the first chunks
             and the first switch compile: 9-35 s in all on an H200, docs/PERF.md). Needs
-            ``rope_kind="float32"``.
+            ``rope_kind="float32"``. With the default ``attention`` it also picks
+            :func:`~gf_core.wan.fused_attention`.
+        overlap: hand out each chunk once the next one is queued, so the GPU never waits for the
+            host between chunks (None: on a CUDA device). A chunk's ``event["seconds"]`` is then
+            the GPU's time from the end of the previous chunk to the end of this one.
     """
     policy = preset(memory, chunk_frames) if isinstance(memory, str) else memory
     cfg = WanConfig.from_module(model)
@@ -196,6 +202,8 @@ def stream(
         raise ValueError(f"unknown RoPE precision '{rope_kind}'; use 'float32' or 'complex128'")
     if fused:
         check_fused(rope_kind, device)
+        if attention is sdpa_attention:
+            attention = fused_attention(device)
 
     plan = chunk_plan(segments, chunk_frames)
     total = plan[-1][0] + chunk_frames
@@ -206,6 +214,8 @@ def stream(
         generator = torch.Generator(device=device).manual_seed(seed)
     gen_device = generator.device
     out_device = torch.device(output_device) if output_device is not None else device
+    overlap = device.type == "cuda" if overlap is None else overlap
+    timed = device.type == "cuda"
 
     if noise is not None:
         expected = (batch_size, total, LATENT_CHANNELS, lat_h, lat_w)
@@ -231,7 +241,7 @@ def stream(
     text_segment = -1
 
     def prompt_text(k: int) -> TextContext:
-        p = segments[k].prompt.to(device=device, dtype=dtype)
+        p = upload(segments[k].prompt, device).to(dtype)
         return encode_text(model, p.expand(batch_size, -1, -1), cfg.text_len)
 
     def encode_frames(latents: torch.Tensor, query_index: list[int], context: ContextSource | None,
@@ -243,54 +253,85 @@ def stream(
     def source_for(slots: list[int], indices: list[int]) -> ContextSource:
         return ContextSource(mem.store, slots, rope.frequencies(indices, *grid_hw, rope_kind, device))
 
+    pending: list[tuple[ChunkResult, torch.cuda.Event | None, float]] = []
+    last_done = torch.cuda.Event(enable_timing=True) if timed else None
+    if last_done is not None:
+        last_done.record()
+
+    def finish() -> ChunkResult:
+        """The oldest queued chunk, once its latents are on the output device."""
+        nonlocal last_done
+        result, done, began = pending.pop(0)
+        if done is not None:
+            done.synchronize()
+            result.event["seconds"] = round(last_done.elapsed_time(done) / 1e3, 4)
+            last_done = done
+        else:
+            result.event["seconds"] = round(time.perf_counter() - began, 4)
+        if result.latents.is_pinned():
+            result.latents = result.latents.clone()  # the pinned staging buffer goes back to the cache
+        return result
+
     with torch.inference_mode():
         for c, (start, k) in enumerate(plan):
-            began = time.perf_counter()
-            switch = None
-            if k != text_segment:
-                text = prompt_text(k)
-                if text_segment >= 0:
-                    switch = apply_switch(mem, segments[k].transition, start, encode_frames, source_for)
-                text_segment = k
-            attend = mem.plan(start, chunk_frames)
-            source = mem.source(attend, rope, rope_kind, grid_hw) if attend.keys else None
-            query = attend.query_index
+            try:
+                began = time.perf_counter()
+                switch = None
+                if k != text_segment:
+                    text = prompt_text(k)
+                    if text_segment >= 0:
+                        switch = apply_switch(mem, segments[k].transition, start, encode_frames, source_for)
+                    text_segment = k
+                attend = mem.plan(start, chunk_frames)
+                source = mem.source(attend, rope, rope_kind, grid_hw) if attend.keys else None
+                query = attend.query_index
 
-            if initial is not None:
-                x = initial[:, start:start + chunk_frames].to(device=device, dtype=dtype)
-            else:
-                x = torch.randn((batch_size, chunk_frames, LATENT_CHANNELS, lat_h, lat_w),
-                                generator=generator, device=gen_device, dtype=dtype).to(device)
-            x = x.permute(0, 2, 1, 3, 4)  # -> [B, C, F, h, w]
-            for i in range(len(schedule)):
-                t = timesteps[i].expand(batch_size)
-                velocity, _ = forward_chunk(model, x, t, text, source, query, rope, rope_kind, attention,
-                                            fused=fused)
-                x0 = to_x0(x, velocity, sigmas[i])
-                if i + 1 < len(schedule):
-                    eps = torch.randn((batch_size * chunk_frames, LATENT_CHANNELS, lat_h, lat_w),
-                                      generator=generator, device=gen_device, dtype=dtype).to(device)
-                    eps = eps.view(batch_size, chunk_frames, LATENT_CHANNELS, lat_h, lat_w).permute(0, 2, 1, 3, 4)
-                    x = renoise(x0, eps, sigmas[i + 1])
-            attended = {}
-            for (name, f), index in zip(attend.keys, attend.key_index):
-                attended.setdefault(name, []).append([f.index, index])
-            changes, writes = mem.admit(start, x0, k)
-            t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
-            forward_chunk(model, x0, t, text, source, query, rope, rope_kind, attention,
-                          compute_output=False, on_kv=mem.store.writer(writes, chunk_frames), fused=fused)
-            out = x0.to(out_device)
-            event = {
-                "chunk": c,
-                "frames": [start, start + chunk_frames],
-                "segment": k,
-                "switch": switch,
-                "rope": {"keys": attended, "query": attend.query_index},
-                "memory": mem.snapshot(),
-                **changes,
-                "seconds": round(time.perf_counter() - began, 4),
-            }
-            yield ChunkResult(c, start, k, out, event)
+                if initial is not None:
+                    x = upload(initial[:, start:start + chunk_frames], device).to(dtype)
+                else:
+                    x = upload(torch.randn((batch_size, chunk_frames, LATENT_CHANNELS, lat_h, lat_w),
+                                           generator=generator, device=gen_device, dtype=dtype), device)
+                x = x.permute(0, 2, 1, 3, 4)  # -> [B, C, F, h, w]
+                for i in range(len(schedule)):
+                    t = timesteps[i].expand(batch_size)
+                    velocity, _ = forward_chunk(model, x, t, text, source, query, rope, rope_kind, attention,
+                                                fused=fused)
+                    x0 = to_x0(x, velocity, sigmas[i])
+                    if i + 1 < len(schedule):
+                        eps = upload(torch.randn((batch_size * chunk_frames, LATENT_CHANNELS, lat_h, lat_w),
+                                                 generator=generator, device=gen_device, dtype=dtype), device)
+                        eps = eps.view(batch_size, chunk_frames, LATENT_CHANNELS, lat_h, lat_w).permute(0, 2, 1, 3, 4)
+                        x = renoise(x0, eps, sigmas[i + 1])
+                attended = {}
+                for (name, f), index in zip(attend.keys, attend.key_index):
+                    attended.setdefault(name, []).append([f.index, index])
+                changes, writes = mem.admit(start, x0, k)
+                t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
+                forward_chunk(model, x0, t, text, source, query, rope, rope_kind, attention,
+                              compute_output=False, on_kv=mem.store.writer(writes, chunk_frames), fused=fused)
+                out = start_download(x0, out_device)
+                done = None
+                if timed:
+                    done = torch.cuda.Event(enable_timing=True)
+                    done.record()
+                event = {
+                    "chunk": c,
+                    "frames": [start, start + chunk_frames],
+                    "segment": k,
+                    "switch": switch,
+                    "rope": {"keys": attended, "query": attend.query_index},
+                    "memory": mem.snapshot(),
+                    **changes,
+                }
+            except Exception:
+                if pending:  # what was finished is handed out before the error
+                    yield finish()
+                raise
+            pending.append((ChunkResult(c, start, k, out, event), done, began))
+            if not overlap or len(pending) > 1:
+                yield finish()
+        while pending:
+            yield finish()
 
 
 def generate(model: nn.Module, segments: list[Segment], memory: str | MemoryPolicy = "grounded", **options) -> GenerationResult:

@@ -4,6 +4,7 @@ few-step schedule, RoPE, seeding and the documented draw order, validation, batc
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 
 import pytest
@@ -418,3 +419,70 @@ def test_bf16_run_close_to_fp32(model):
     assert torch.isfinite(out.float()).all()
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert 0 < rel < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# overlap: each chunk is handed out once the next one is queued
+
+
+def _four_chunks() -> list[gf.Segment]:
+    return [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("apr"))]
+
+
+def test_overlapped_stream_hands_out_the_same_chunks_one_chunk_later(model):
+    counter = ForwardCounter(model)
+    try:
+        forwards = {}
+        for overlap in (False, True):
+            chunks, counter.calls = [], 0
+            for chunk in gf.stream(model, _four_chunks(), "grounded", seed=2, overlap=overlap, **RUN):
+                chunks.append(chunk)
+                forwards[overlap, chunk.index] = counter.calls
+            forwards[overlap] = chunks
+    finally:
+        counter.close()
+    plain, overlapped = forwards[False], forwards[True]
+    assert [c.index for c in overlapped] == [0, 1, 2, 3]
+    for a, b in zip(plain, overlapped):
+        assert torch.equal(a.latents, b.latents)
+        assert {**a.event, "seconds": 0} == {**b.event, "seconds": 0}
+    # a chunk is 1 prompt encode (first chunk) + 5 forwards; overlapped, chunk 0 comes out after chunk 1 ran
+    assert forwards[False, 0] == 6 and forwards[True, 0] == 11
+    assert forwards[False, 3] == forwards[True, 3]  # the last chunk waits for nothing
+
+
+def test_an_error_mid_run_hands_out_the_finished_chunks_first(model, monkeypatch):
+    stream_module = importlib.import_module("gf_core.stream")  # the package's "stream" is the function
+    calls = {"n": 0}
+    real = stream_module.forward_chunk
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 10:  # chunk 2 (the switch's recache) fails
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "forward_chunk", failing)
+    got = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        for chunk in gf.stream(model, _four_chunks(), "grounded", seed=2, overlap=True, **RUN):
+            got.append(chunk.index)
+    assert got == [0, 1]
+
+
+def test_split_attention_equals_one_call():
+    from gf_core.wan import attention_backend, sdpa_attention, split_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 12, 2, 32, generator=g)
+    k, v = torch.randn(2, 48, 2, 32, generator=g), torch.randn(2, 48, 2, 32, generator=g)
+    one = sdpa_attention(q, k, v)
+    for parts in (2, 3, 4):
+        torch.testing.assert_close(split_attention(q, k, v, parts), one, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(split_attention(q, k, v, 2), one)  # two runs of keys really were merged
+    assert torch.equal(split_attention(q, k, v, 5), one)  # 48 keys do not split in 5: one call
+    split = attention_backend("split2")
+    assert torch.equal(split(q, k[:, :20], v[:, :20]), sdpa_attention(q, k[:, :20], v[:, :20]))  # < 2x: one call
+    torch.testing.assert_close(split(q, k, v), one, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="splitN"):
+        attention_backend("split")

@@ -187,14 +187,15 @@ def test_segment_boundaries_round_up_to_chunks(model):
     assert switches == [None, None, ("longlive", 6), ("longlive", 9)]
 
 
-def test_writer_blends_many_frames_as_one_by_one_lerps():
-    """The writer runs the blends of a block as one lerp: bit-identical to a float32 lerp per frame
-    (Eq. 11), and plain stores for alpha 1."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writer_blends_like_a_float32_lerp_per_frame(dtype):
+    """The writer blends each frame in place in the store's dtype: bit-identical to a float32 lerp
+    per frame cast back (Eq. 11), and plain stores for alpha 1."""
     from gf_core.memory import FrameStore
 
     g = torch.Generator().manual_seed(4)
-    first = [torch.randn(1, 4 * 6, 2, 8, generator=g) for _ in range(2)]
-    new = [torch.randn(1, 4 * 4, 2, 8, generator=g) for _ in range(2)]
+    first = [torch.randn(1, 4 * 6, 2, 8, generator=g).to(dtype) for _ in range(2)]
+    new = [torch.randn(1, 4 * 4, 2, 8, generator=g).to(dtype) for _ in range(2)]
     writes = [(0, 3, 1.0), (1, 0, 0.25), (2, 5, 0.5), (3, 1, 0.75)]
     stores = [FrameStore(6, 2), FrameStore(6, 2)]
     for store in stores:
@@ -205,6 +206,6 @@ def test_writer_blends_many_frames_as_one_by_one_lerps():
         for frame, slot, alpha in writes:
             for store, tensor in ((stores[1].keys, new[0]), (stores[1].values, new[1])):
                 part, old = tensor.view(1, 4, 4, 2, 8)[:, frame], store[block, :, slot]
-                store[block, :, slot] = part if alpha == 1.0 else torch.lerp(old.float(), part.float(), alpha)
+                store[block, :, slot] = part if alpha == 1.0 else torch.lerp(old.float(), part.float(), alpha).to(dtype)
     assert torch.equal(stores[0].keys, stores[1].keys) and torch.equal(stores[0].values, stores[1].values)
     assert not torch.equal(stores[0].keys[1, :, 0], first[0].view(1, 6, 4, 2, 8)[:, 0])  # blended
