@@ -153,13 +153,122 @@ def engine_profile(policy: str, compile_blocks: bool) -> dict:
     }
 
 
+def _model():
+    import gf_core as gf
+
+    sd = gf.random_state_dict(gf.WanConfig(), seed=1234, dtype=torch.bfloat16, device="cuda")
+    model = gf.WanModel.from_state_dict(sd, dtype=torch.bfloat16, device="cuda")
+    del sd
+    return model
+
+
+def _kernels(profiled) -> tuple[dict[str, float], list[tuple[float, int, str]]]:
+    groups: dict[str, float] = {}
+    kernels = []
+    for evt in profiled.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and t > 0:
+            groups[kernel_group(evt.key)] = groups.get(kernel_group(evt.key), 0.0) + t / 1e3
+            kernels.append((t / 1e3, evt.count, evt.key[:110]))
+    kernels.sort(reverse=True)
+    return groups, kernels
+
+
+def switch_profile(model, fused: bool) -> dict:
+    """Kernel profile of the chunk before an APR switch and of the switch's chunk (``grounded``)."""
+    from parity import prompts
+
+    import gf_core as gf
+
+    p = list(prompts(2).values())
+    segs = [gf.Segment(p[0], 60), gf.Segment(p[1], 12, gf.Transition("apr"))]
+    list(gf.stream(model, [gf.Segment(p[0], 24), gf.Segment(p[1], 6, gf.Transition("apr"))], "grounded",
+                   seed=0, fused=fused, overlap=False))  # compiles every shape, the switch's too
+    out = {"fused": fused}
+    run = gf.stream(model, segs, "grounded", seed=0, fused=fused, overlap=False)
+    profiled, began = None, 0.0
+    for chunk in run:  # chunk 19 is the last of the first prompt, chunk 20 starts with the switch
+        if profiled is not None:
+            torch.cuda.synchronize()
+            wall = 1e3 * (time.perf_counter() - began)
+            profiled.__exit__(None, None, None)
+            groups, kernels = _kernels(profiled)
+            out["before" if chunk.index == 19 else "switch"] = {"wall_ms": wall, "device_ms": groups,
+                                                                "top_kernels_ms": kernels[:40]}
+            profiled = None
+        if chunk.index == 20:
+            break
+        if chunk.index in (18, 19):
+            torch.cuda.synchronize()
+            profiled = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            profiled.__enter__()
+            began = time.perf_counter()
+    run.close()
+    return out
+
+
+def host_syncs(model, fused: bool) -> dict:
+    """Where the host waits for the GPU in a warm ``grounded`` run with one APR switch: the lines of
+    code that made PyTorch synchronise (its sync debug mode), with counts, over 20 chunks."""
+    import warnings
+
+    from parity import prompts
+
+    import gf_core as gf
+
+    p = list(prompts(2).values())
+    segs = [gf.Segment(p[0], 30), gf.Segment(p[1], 30, gf.Transition("apr"))]
+    list(gf.stream(model, segs, "grounded", seed=0, fused=fused))  # warm
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            chunks = sum(1 for _ in gf.stream(model, segs, "grounded", seed=0, fused=fused))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}"
+            counts[where] = counts.get(where, 0) + 1
+    return {"fused": fused, "chunks": chunks, "syncs": counts}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", default="grounded")
     ap.add_argument("--fused", default="off", help="engine with fused (torch.compile'd) blocks: off, on, or both")
+    ap.add_argument("--only", default="all", help="all, or a comma list of: kernels, engine, switch, syncs")
     ap.add_argument("--out")
     args = ap.parse_args()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    parts = {"kernels", "engine", "switch", "syncs"} if args.only == "all" else set(args.only.split(","))
+    flags = {"off": [False], "on": [True], "both": [False, True]}[args.fused]
+    if parts & {"switch", "syncs"}:
+        model = _model()
+        for flag in flags:
+            if "syncs" in parts:
+                r = host_syncs(model, flag)
+                info.setdefault("syncs", []).append(r)
+                print("host syncs", json.dumps(r), flush=True)
+            if "switch" in parts:
+                r = switch_profile(model, flag)
+                info.setdefault("switch", []).append(r)
+                print("chunk before the switch", round(r["before"]["wall_ms"], 1), "ms wall",
+                      json.dumps({k: round(v, 1) for k, v in r["before"]["device_ms"].items()}), flush=True)
+                print("  switch chunk", round(r["switch"]["wall_ms"], 1), "ms wall",
+                      json.dumps({k: round(v, 1) for k, v in r["switch"]["device_ms"].items()}), flush=True)
+                for ms, count, name in r["switch"]["top_kernels_ms"][:30]:
+                    print(f"  {ms:8.2f} ms {count:6d}x  {name}", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    if "kernels" not in parts and "engine" not in parts:
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(info, fh, indent=1)
+        return
     info["ceilings"] = ceilings()
     print("ceilings", json.dumps(info["ceilings"]), flush=True)
     info["attention"] = attention_kernels()

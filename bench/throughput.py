@@ -70,14 +70,19 @@ def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
 def run_row(row: str, args) -> dict:
     """One measurement. An engine row may add "+fused" (blocks compiled with torch.compile) and
     "+decode" (Wan VAE decode of every chunk on a second CUDA stream, end to end) or
-    "+decode_serial" (the same decode on the sampling stream, after each chunk), and end in
-    "@backend" to pin its SDPA kernel (e.g. "grounded_120+fused+decode@cudnn")."""
+    "+decode_serial" (the same decode on the sampling stream, after each chunk) or "+cdt" (the fused
+    blocks compiled with Inductor's coordinate-descent tuning), and end in "@backend" to pick its
+    attention (e.g. "grounded_120+fused+decode@cudnn")."""
     name = row
     row, _, backend = row.partition("@")
     if backend:
         args.attention = backend
     row, *variants = row.split("+")
     fused = "fused" in variants
+    if "cdt" in variants:
+        from gf_core import wan
+
+        wan.COMPILE_OPTIONS["coordinate_descent_tuning"] = True
     decode = "decode" in variants or "decode_serial" in variants
     from gf_core import WanConfig, random_state_dict
 
@@ -137,12 +142,9 @@ def run_row(row: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         chunk_s, mem_after, switches = [], {}, []
         began = time.perf_counter()
-        last = began
         attention = attention_backend(args.attention)
         for chunk in gf.stream(model, segments, policy, seed=0, dtype=dtype, attention=attention, fused=fused):
-            now = time.perf_counter()  # the chunk's latents reached the host: the GPU is done with it
-            chunk_s.append(now - last)
-            last = now
+            chunk_s.append(chunk.event["seconds"])  # GPU time from the previous chunk's end to this one's
             if chunk.event["switch"]:
                 switches.append(chunk.index)
             if chunk.index in (10, 300):
