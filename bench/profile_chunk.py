@@ -105,9 +105,7 @@ def engine_profile(policy: str, compile_blocks: bool) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16
-    sd = gf.random_state_dict(gf.WanConfig(), seed=1234, dtype=dtype, device="cuda")
-    model = gf.WanModel.from_state_dict(sd, dtype=dtype, device="cuda")
-    del sd
+    model = _model()
     prompt = next(iter(prompts(1).values()))
     options = {"fused": True} if compile_blocks else {}
     began = time.perf_counter()
@@ -133,16 +131,7 @@ def engine_profile(policy: str, compile_blocks: bool) -> dict:
         last = time.perf_counter()
         if chunk.index == 15:
             break
-    groups: dict[str, float] = {}
-    kernels = []
-    for evt in profiled.key_averages():
-        t = getattr(evt, "self_device_time_total", None)
-        if t is None:
-            t = getattr(evt, "self_cuda_time_total", 0)
-        if evt.device_type == torch.autograd.DeviceType.CUDA and t > 0:
-            groups[kernel_group(evt.key)] = groups.get(kernel_group(evt.key), 0.0) + t / 1e3 / 2
-            kernels.append((t / 1e3 / 2, evt.count // 2, evt.key[:110]))
-    kernels.sort(reverse=True)
+    groups, kernels = _kernels(profiled, chunks=2)
     return {
         "policy": policy, "fused": compile_blocks, "warmup_s": warmup,
         "median_chunk_ms_6_15": 1e3 * statistics.median(walls[6:16]),
@@ -162,7 +151,9 @@ def _model():
     return model
 
 
-def _kernels(profiled) -> tuple[dict[str, float], list[tuple[float, int, str]]]:
+def _kernels(profiled, chunks: int = 1) -> tuple[dict[str, float], list[tuple[float, int, str]]]:
+    """GPU milliseconds per chunk by kernel group, and (ms, calls, name) per kernel, largest first,
+    of a profile that covered ``chunks`` chunks."""
     groups: dict[str, float] = {}
     kernels = []
     for evt in profiled.key_averages():
@@ -170,8 +161,9 @@ def _kernels(profiled) -> tuple[dict[str, float], list[tuple[float, int, str]]]:
         if t is None:
             t = getattr(evt, "self_cuda_time_total", 0)
         if evt.device_type == torch.autograd.DeviceType.CUDA and t > 0:
-            groups[kernel_group(evt.key)] = groups.get(kernel_group(evt.key), 0.0) + t / 1e3
-            kernels.append((t / 1e3, evt.count, evt.key[:110]))
+            ms = t / 1e3 / chunks
+            groups[kernel_group(evt.key)] = groups.get(kernel_group(evt.key), 0.0) + ms
+            kernels.append((ms, evt.count // chunks, evt.key[:110]))
     kernels.sort(reverse=True)
     return groups, kernels
 
@@ -265,9 +257,7 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     if "kernels" not in parts and "engine" not in parts:
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(info, fh, indent=1)
+        _write(info, args.out)
         return
     info["ceilings"] = ceilings()
     print("ceilings", json.dumps(info["ceilings"]), flush=True)
@@ -285,8 +275,12 @@ def main() -> None:
               f"{json.dumps({k: round(v, 1) for k, v in r['device_ms_per_chunk'].items()})}", flush=True)
         for ms, count, name in r["top_kernels_ms_per_chunk"][:25]:
             print(f"  {ms:8.2f} ms {count:6d}x  {name}", flush=True)
-    if args.out:
-        with open(args.out, "w") as fh:
+    _write(info, args.out)
+
+
+def _write(info: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as fh:
             json.dump(info, fh, indent=1)
 
 

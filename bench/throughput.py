@@ -70,19 +70,14 @@ def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
 def run_row(row: str, args) -> dict:
     """One measurement. An engine row may add "+fused" (blocks compiled with torch.compile) and
     "+decode" (Wan VAE decode of every chunk on a second CUDA stream, end to end) or
-    "+decode_serial" (the same decode on the sampling stream, after each chunk) or "+cdt" (the fused
-    blocks compiled with Inductor's coordinate-descent tuning), and end in "@backend" to pick its
-    attention (e.g. "grounded_120+fused+decode@cudnn")."""
+    "+decode_serial" (the same decode on the sampling stream, after each chunk), and end in
+    "@backend" to pick its attention (e.g. "grounded_120+fused+decode@cudnn")."""
     name = row
     row, _, backend = row.partition("@")
     if backend:
         args.attention = backend
     row, *variants = row.split("+")
     fused = "fused" in variants
-    if "cdt" in variants:
-        from gf_core import wan
-
-        wan.COMPILE_OPTIONS["coordinate_descent_tuning"] = True
     decode = "decode" in variants or "decode_serial" in variants
     from gf_core import WanConfig, random_state_dict
 

@@ -547,10 +547,9 @@ def feed_forward(ffn: nn.Module, x: torch.Tensor, gelu_in_product: bool = False)
 def real_freqs(freqs: torch.Tensor) -> torch.Tensor:
     """Complex64 rotations [L, 1, D/2] as a float32 table [2, L, 1, D] for :func:`rotate_real`:
     each pair's cosine twice, then its sine with the sign the pair's first channel needs."""
-    cos, sin = freqs.real.repeat_interleave(2, dim=-1), freqs.imag.repeat_interleave(2, dim=-1)
-    # -1, 1, -1, 1, ... made on the device: a host-made tensor would make the host wait for the GPU
-    sign = torch.arange(2 * freqs.shape[-1], device=freqs.device).remainder(2).mul(2).sub(1)
-    return torch.stack((cos, sin * sign)).contiguous()
+    cos = freqs.real.repeat_interleave(2, dim=-1)
+    signed_sin = torch.stack((-freqs.imag, freqs.imag), dim=-1).flatten(-2)
+    return torch.stack((cos, signed_sin)).contiguous()
 
 
 def rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -585,7 +584,6 @@ class CompileError(RuntimeError):
 
 
 _FUSED: list[Callable] = []
-COMPILE_OPTIONS: dict[str, object] = {}  # Inductor options of the fused blocks, read when they first compile
 
 
 def fused_block_step() -> Callable:
@@ -599,7 +597,7 @@ def fused_block_step() -> Callable:
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        compiled = torch.compile(block_step, fullgraph=True, options=dict(COMPILE_OPTIONS) or None)
+        compiled = torch.compile(block_step, fullgraph=True)
 
         def step(*args):
             try:
