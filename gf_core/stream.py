@@ -31,7 +31,16 @@ from .recache import Transition, apply_switch, resolve
 from .rope import RopeTable
 from .sampler import Schedule, renoise, to_x0
 from .transfer import start_download, upload
-from .wan import AttentionFn, TextContext, WanConfig, encode_text, forward_chunk, fused_attention, sdpa_attention
+from .wan import (
+    AttentionFn,
+    TextContext,
+    WanConfig,
+    encode_text,
+    forward_chunk,
+    fused_attention,
+    padding_start,
+    sdpa_attention,
+)
 
 LATENT_CHANNELS = 16
 SPATIAL_DOWNSCALE = 8  # Wan VAE: 8 pixels per latent pixel
@@ -185,7 +194,8 @@ def stream(
         fused: run each DiT block as one ``torch.compile``'d graph (faster on a GPU; the first chunks
             and the first switch compile: 9-35 s in all on an H200, docs/PERF.md). Needs
             ``rope_kind="float32"``. With the default ``attention`` it also picks
-            :func:`~gf_core.wan.fused_attention`.
+            :func:`~gf_core.wan.fused_attention` and folds each prompt's zero padding
+            (:func:`~gf_core.wan.encode_text`: a short prompt attends to 64 rows, not 512).
         overlap: hand out each chunk once the next one is queued, so the GPU never waits for the
             host between chunks (None: on a CUDA device). A chunk's ``event["seconds"]`` is then
             the GPU's time from the end of the previous chunk to the end of this one.
@@ -200,10 +210,12 @@ def stream(
         raise ValueError(f"unknown noise order '{noise_order}'; use 'reference' or 'chunk'")
     if rope_kind not in ("float32", "complex128"):
         raise ValueError(f"unknown RoPE precision '{rope_kind}'; use 'float32' or 'complex128'")
+    fold_text = False  # a fused run with the default attention folds each prompt's padding (encode_text)
     if fused:
         check_fused(rope_kind, device)
         if attention is sdpa_attention:
             attention = fused_attention(device)
+            fold_text = True
 
     plan = chunk_plan(segments, chunk_frames)
     total = plan[-1][0] + chunk_frames
@@ -241,8 +253,10 @@ def stream(
     text_segment = -1
 
     def prompt_text(k: int) -> TextContext:
-        p = upload(segments[k].prompt, device).to(dtype)
-        return encode_text(model, p.expand(batch_size, -1, -1), cfg.text_len)
+        prompt = segments[k].prompt
+        p = upload(prompt, device).to(dtype)
+        return encode_text(model, p.expand(batch_size, -1, -1), cfg.text_len,
+                           fold_from=padding_start(prompt) if fold_text else None)
 
     def encode_frames(latents: torch.Tensor, query_index: list[int], context: ContextSource | None,
                       own_keys_from: int = 0, on_kv=None) -> None:

@@ -98,3 +98,46 @@ def test_a_compile_failure_is_one_sentence(model, monkeypatch):
     fail_compiling(monkeypatch, wan)
     with pytest.raises(RuntimeError, match=r"could not be compiled here \(BackendCompilerFailed\); turn fused off"):
         next(gf.stream(model, [gf.Segment(prompt(0), 3)], "grounded", fused=True, **RUN))
+
+
+def test_folded_padding_attends_as_the_whole_prompt(model):
+    """A prompt's zero padding projects to one key and value: a fused run keeps 64 rows of a short
+    prompt, with logit offsets that give its padding rows the weight of all of them."""
+    from gf_core.wan import biased_attention, encode_text, fold_bias, padding_start, sdpa_attention
+
+    embeds = torch.cat([prompt(0, batch=2, length=10), torch.zeros(2, 30, CFG.text_dim)], dim=1)
+    embeds[1, 7:] = 0  # the shorter prompt of the batch
+    assert padding_start(embeds) == 10
+    assert padding_start(torch.zeros(1, 5, 3)) == 0 and padding_start(torch.ones(1, 5, 3)) == 5
+    whole = encode_text(model, embeds, CFG.text_len)
+    folded = encode_text(model, embeds, CFG.text_len, fold_from=padding_start(embeds))
+    assert whole.bias is None and whole.keys[0].shape[1] == CFG.text_len
+    assert folded.keys[0].shape[1] == 64 and folded.bias.shape == (64,) and not folded.bias[:10].any()
+    q = torch.randn(2, 40, CFG.num_heads, CFG.head_dim) * 3
+    for block in range(CFG.num_layers):
+        torch.testing.assert_close(
+            biased_attention(q, folded.keys[block], folded.values[block], folded.bias),
+            sdpa_attention(q, whole.keys[block], whole.values[block]), atol=5e-5, rtol=5e-5)
+    assert encode_text(model, embeds, CFG.text_len, fold_from=CFG.text_len - 10).bias is None  # nothing to fold
+    for dtype in (torch.bfloat16, torch.float16):  # one offset alone would be off by up to 1.5% there
+        bias = fold_bias(64, 24, 512, dtype)
+        assert bias.dtype == dtype and abs(float(bias[24:].double().exp().sum()) - 488) < 0.1
+
+
+def test_fused_runs_fold_the_prompt_padding_and_plain_runs_do_not(model, monkeypatch):
+    import gf_core.wan as wan
+
+    folds = []
+
+    def recording_step(*args):
+        folds.append(args[-1] is not None)
+        return wan.block_step(*args)
+
+    monkeypatch.setattr(wan, "fused_block_step", lambda: recording_step)
+    segs = [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("apr"))]
+    gf.generate(model, segs, "grounded", seed=5, fused=True, **RUN)
+    assert folds and all(folds)
+    folds.clear()
+    gf.generate(model, segs, "grounded", seed=5, fused=True, attention=wan.attention_backend("math"), **RUN)
+    assert folds and not any(folds)  # an attention the caller picked sees the whole prompt
+
