@@ -12,6 +12,7 @@ Shapes: latents ``[B, C, F, H, W]`` (C = 16, H and W in latent pixels); tokens `
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -649,24 +650,37 @@ def fused_block_step() -> Callable:
 
     Every block shares the compiled code (modules are inlined, their weights are inputs); a new
     shape (context size, frames, a keys-only pass) compiles once more, then recompiles with
-    dynamic sizes, so a long run compiles a few times at its start and never after.
+    dynamic sizes, so a long run compiles a few times at its start and never after. Compiled with
+    Inductor's ``multi_kernel`` where that works, else with the defaults; a :class:`CompileError`
+    when neither does.
     """
     if not _FUSED:
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        compiled = torch.compile(block_step, fullgraph=True)
+        # Tuned first: Inductor's multi_kernel compiles each reduction (the norms over rows of 1536,
+        # which it otherwise loops over) both looped and persistent and runs the faster, picked on
+        # its first run (an H200: 278.6 -> 274.5 ms per chunk, docs/PERF.md; a CPU ignores it). Its
+        # on-disk cache of picks stays off: with PyTorch 2.11, reading it raised a TypeError inside
+        # Triton once a run compiled a second prompt. Where the tuned compile fails, the default is used.
+        os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
+        variants = [torch.compile(block_step, fullgraph=True, options={"triton.multi_kernel": 1}),
+                    torch.compile(block_step, fullgraph=True)]
 
         def step(*args):
-            try:
-                return compiled(*args)
-            except Exception as e:
-                if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            while True:
+                try:
+                    return variants[0](*args)
+                except Exception as e:
+                    if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                        raise
+                    if len(variants) > 1:
+                        variants.pop(0)
+                        continue
                     raise CompileError(
                         f"fused blocks could not be compiled here ({type(e).__name__}); turn fused off, or "
                         "install what torch.compile needs (Triton on a GPU, a C++ compiler on a CPU)"
                     ) from e
-                raise
 
         _FUSED.append(step)
     return _FUSED[0]

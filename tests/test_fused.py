@@ -141,3 +141,29 @@ def test_fused_runs_fold_the_prompt_padding_and_plain_runs_do_not(model, monkeyp
     gf.generate(model, segs, "grounded", seed=5, fused=True, attention=wan.attention_backend("math"), **RUN)
     assert folds and not any(folds)  # an attention the caller picked sees the whole prompt
 
+
+def test_a_failing_tuned_compile_falls_back_to_the_default_one(model, monkeypatch):
+    import gf_core.wan as wan
+
+    class BackendCompilerFailed(Exception):
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._dynamo.exc"
+    compiled_with = []
+    plain_compile = torch.compile
+
+    def compile_failing_when_tuned(fn, **kwargs):
+        if kwargs.get("options"):
+            def failing(*args):
+                raise BackendCompilerFailed("tuned options")
+            return failing
+        compiled_with.append(kwargs)
+        return plain_compile(fn, **kwargs)
+
+    monkeypatch.setattr(wan, "_FUSED", [])
+    monkeypatch.setattr(torch, "compile", compile_failing_when_tuned)
+    segs = [gf.Segment(prompt(0), 6)]
+    fused = gf.generate(model, segs, "grounded", seed=5, fused=True, **RUN)
+    plain = gf.generate(model, segs, "grounded", seed=5, **RUN)
+    assert compiled_with == [{"fullgraph": True}]
+    torch.testing.assert_close(fused.latents, plain.latents, atol=1e-5, rtol=1e-5)
