@@ -5,11 +5,13 @@ Prints, in one run, milliseconds and TFLOP/s of:
   recache: 14,040 x 14,040; a first chunk: 4,680 x 4,680), as one cuDNN call and split over the
   keys into S parts that run as one batched cuDNN call and are merged by their log-sum-exp
   (``gf_core.wan.split_attention``), with the error of the split against the single call;
+- cross-attention of a chunk to a prompt of 24 and 104 tokens: over all 512 rows, and with the
+  zero padding folded (``gf_core.wan.biased_attention``: 64 or 128 rows kept), with its error;
 - the block's products at 4,680 and 14,040 tokens: q, k, v as three products and as one;
 - float8 (e4m3, row-wise scales) products of the same shapes, with and without quantizing the
   activations, and their error against bf16.
 
-    python bench/kernels.py --out docs/results/kernels_h200.json
+    python bench/kernels.py --out docs/results/kernels_h200.json [--only attention,cross,products]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from profile_chunk import bench  # noqa: E402
 
-from gf_core.wan import sdpa_attention, split_attention  # noqa: E402
+from gf_core.wan import (  # noqa: E402
+    FOLD_MULTIPLE,
+    biased_attention,
+    fold_bias,
+    sdpa_attention,
+    split_attention,
+)
 
 HEADS, HEAD_DIM, DIM, FFN = 12, 128, 1536, 8960
 
@@ -57,6 +66,47 @@ def attention_rows(splits: list[int]) -> list[dict]:
                          "tflops": flops / ms / 1e9, "rel_l2_vs_single": rel(out, single)})
         for r in rows[-1 - len(splits):]:
             print(json.dumps(r), flush=True)
+    return rows
+
+
+def cross_rows(text_len: int = 512, queries: int = 4680) -> list[dict]:
+    """Cross-attention to a prompt of 24 / 104 tokens: over all 512 rows; over the kept rows alone
+    (a lower bound, not the same result); and with the padding folded into the kept rows by logit
+    offsets (``gf_core.wan.biased_attention`` with ``fold_bias``), as PyTorch picks the kernel and
+    pinned to cuDNN's and to the memory-efficient one. Each call is short, so its time may
+    include the host's launch time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def pinned(backend, fn, *args):
+        with sdpa_kernel(backend):
+            return fn(*args)
+
+    rows = []
+    for length in (24, 104):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, queries, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(1, text_len, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+                for _ in range(2))
+        k[:, length:], v[:, length:] = k[:, length:length + 1].clone(), v[:, length:length + 1].clone()  # padding
+        whole = sdpa_attention(q, k, v)
+        flops = 4 * queries * text_len * HEADS * HEAD_DIM
+        kept = -(-(length + 1) // FOLD_MULTIPLE) * FOLD_MULTIPLE
+        bias = fold_bias(kept, length, text_len, torch.bfloat16).cuda()
+        folded = (q, k[:, :kept], v[:, :kept], bias)
+        calls = [("whole", text_len, partial(sdpa_attention, q, k, v)),
+                 ("kept rows only", kept, partial(sdpa_attention, *folded[:3])),
+                 ("folded", kept, partial(biased_attention, *folded)),
+                 ("folded, cudnn", kept, partial(pinned, SDPBackend.CUDNN_ATTENTION, biased_attention, *folded)),
+                 ("folded, efficient", kept, partial(pinned, SDPBackend.EFFICIENT_ATTENTION, biased_attention, *folded))]
+        for name, keys, call in calls:
+            row = {"prompt_tokens": length, "mode": name, "keys": keys}
+            try:
+                out = call()
+                row.update(ms=(ms := bench(call)), tflops_of_whole=flops / ms / 1e9, rel_l2_vs_whole=rel(out, whole))
+            except Exception as e:  # report, do not stop the other rows
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -117,14 +167,19 @@ def fp8_rows(tokens: int, name: str, a: torch.Tensor, wt: torch.Tensor, ref: tor
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--splits", default="2,3,4,6")
+    ap.add_argument("--only", default="attention,cross,products")
     ap.add_argument("--out")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernels.py times GPU kernels; run it on a machine with a CUDA GPU")
+    parts = {"attention": lambda: attention_rows([int(s) for s in args.splits.split(",")]),
+             "cross": cross_rows, "products": product_rows}
+    unknown = set(args.only.split(",")) - set(parts)
+    if unknown:
+        raise SystemExit(f"unknown part '{sorted(unknown)[0]}' in --only; use {', '.join(parts)}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(),
-              "attention": attention_rows([int(s) for s in args.splits.split(",")]),
-              "products": product_rows()}
+              "cudnn": torch.backends.cudnn.version()}
+    result.update({name: parts[name]() for name in args.only.split(",")})
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)

@@ -4,9 +4,13 @@ Prints, in one run: the device's measured ceilings (a bf16 matrix product, a dev
 copy); the attention of a steady-state chunk (4,680 queries, 18,720 keys, 12 heads of 128) per
 SDPA backend; the matrix products of one block at 4,680 tokens; and a kernel profile of two
 steady-state chunks of the engine (random full-size 1.3B weights, 832x480, bf16), grouped into
-matrix products, attention and the rest, against the chunk's wall time.
+matrix products, attention and the rest, against the chunk's wall time, with the time the GPU
+sat idle between kernels. Also (``--only graph``) a steady chunk's four denoising forwards as
+launched and as replayed from one CUDA graph, and with ``--inductor NAME=VALUE`` any of it
+compiled with other Inductor options.
 
     python bench/profile_chunk.py --policy grounded --fused both --out docs/results/profile.json
+    python bench/profile_chunk.py --fused on --only engine --inductor triton.enable_pdl=1
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ def engine_profile(policy: str, compile_blocks: bool) -> dict:
             break
     groups, kernels = _kernels(profiled, chunks=2)
     return {
+        "idle": _idle(profiled, chunks=2),
         "policy": policy, "fused": compile_blocks, "warmup_s": warmup,
         "median_chunk_ms_6_15": 1e3 * statistics.median(walls[6:16]),
         "profiled_chunk_wall_ms": 1e3 * profiled_wall / 2,
@@ -142,6 +147,78 @@ def engine_profile(policy: str, compile_blocks: bool) -> dict:
     }
 
 
+def graph_profile(policy: str) -> dict:
+    """A steady chunk's four denoising forwards (fused blocks), launched one kernel at a time as the
+    engine does and replayed from one CUDA graph: GPU milliseconds of each (CUDA events around the
+    four forwards, so a GPU waiting for the host counts), the memory the graph keeps, and whether
+    its result is bit-equal to the launched one."""
+    from parity import prompts
+
+    import gf_core as gf
+    from gf_core.sampler import Schedule, renoise, to_x0
+    from gf_core.wan import forward_chunk
+
+    model = _model()
+    prompt = next(iter(prompts(1).values()))
+    run = gf.stream(model, [gf.Segment(prompt, 60)], policy, seed=0, dtype=torch.bfloat16, fused=True)
+    for chunk in run:
+        if chunk.index == 8:
+            break
+    state = run.gi_frame.f_locals
+    mem, text, rope, attention = state["mem"], state["text"], state["rope"], state["attention"]
+    plan = mem.plan(30, 3)
+    source = mem.source(plan, rope, "float32", state["grid_hw"])
+    table = rope.frequencies
+    memo = {}
+
+    def frequencies(index, *args, **kwargs):  # built once, before capturing (a capture may not copy from the host)
+        key = (tuple(index), args, tuple(sorted(kwargs.items())))
+        if key not in memo:
+            memo[key] = table(index, *args, **kwargs)
+        return memo[key]
+
+    rope.frequencies = frequencies
+    schedule = Schedule.few_step()
+    timesteps, sigmas = schedule.timesteps.cuda(), schedule.sigmas.cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x_in = torch.randn(1, 16, 3, 60, 104, device="cuda", dtype=torch.bfloat16, generator=g)
+    eps = [torch.randn_like(x_in) for _ in range(3)]
+
+    def steps() -> torch.Tensor:
+        x = x_in
+        for i in range(len(schedule)):
+            velocity, _ = forward_chunk(model, x, timesteps[i].expand(1), text, source, plan.query_index, rope,
+                                        "float32", attention, fused=True)
+            x0 = to_x0(x, velocity, sigmas[i])
+            if i + 1 < len(schedule):
+                x = renoise(x0, eps[i], sigmas[i + 1])
+        return x0
+
+    with torch.inference_mode():
+        ref = steps().clone()
+        launched = bench(steps, repeat=10)
+        result = {"policy": policy, "launched_ms": launched}
+        try:
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                steps()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # as the capture does first, so the difference is the graph's pool
+            reserved = torch.cuda.memory_reserved()
+            with torch.cuda.graph(graph):
+                out = steps()
+            graph.replay()
+            torch.cuda.synchronize()
+            result.update(graph_ms=bench(graph.replay, repeat=10), bit_equal=bool(torch.equal(out, ref)),
+                          graph_reserved_bytes=torch.cuda.memory_reserved() - reserved)
+        except Exception as e:  # report why a capture failed
+            result["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    return result
+
+
 def _model():
     import gf_core as gf
 
@@ -149,6 +226,27 @@ def _model():
     model = gf.WanModel.from_state_dict(sd, dtype=torch.bfloat16, device="cuda")
     del sd
     return model
+
+
+def _idle(profiled, chunks: int = 1) -> dict:
+    """Where the GPU ran nothing between two kernels or copies of a profile: milliseconds per chunk
+    by the length of the gap, and the longest gaps with the kernels on either side."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in profiled.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps = []
+    end, before = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, before[:60], name[:60]))
+        if stop >= end:
+            end, before = stop, name
+    bins = {"under_2us": 0.0, "2_to_10us": 0.0, "10_to_100us": 0.0, "over_100us": 0.0}
+    for us, *_ in gaps:
+        key = "under_2us" if us < 2 else "2_to_10us" if us < 10 else "10_to_100us" if us < 100 else "over_100us"
+        bins[key] += us / 1e3 / chunks
+    gaps.sort(reverse=True)
+    return {"ms_per_chunk": sum(g[0] for g in gaps) / 1e3 / chunks, "gaps_per_chunk": len(gaps) / chunks,
+            "ms_per_chunk_by_gap": bins, "longest_us": [[round(g[0], 1), g[1], g[2]] for g in gaps[:12]]}
 
 
 def _kernels(profiled, chunks: int = 1) -> tuple[dict[str, float], list[tuple[float, int, str]]]:
@@ -232,11 +330,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", default="grounded")
     ap.add_argument("--fused", default="off", help="engine with fused (torch.compile'd) blocks: off, on, or both")
-    ap.add_argument("--only", default="all", help="all, or a comma list of: kernels, engine, switch, syncs")
+    ap.add_argument("--only", default="all", help="all, or a comma list of: kernels, engine, switch, syncs, graph")
+    ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                    help="an Inductor option to compile with, e.g. triton.multi_kernel=1 (repeatable)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    parts = {"kernels", "engine", "switch", "syncs"} if args.only == "all" else set(args.only.split(","))
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "inductor": args.inductor}
+    if args.inductor:
+        from torch._inductor import config as inductor_config
+
+        for option in args.inductor:
+            name, _, value = option.partition("=")
+            inductor_config.patch({name: type(inductor_config.get_config_copy()[name])(int(value))}).__enter__()
+    parts = {"kernels", "engine", "switch", "syncs", "graph"} if args.only == "all" else set(args.only.split(","))
+    if "graph" in parts:
+        info["graph"] = graph_profile(args.policy)
+        print("graph", json.dumps(info["graph"]), flush=True)
+        torch.cuda.empty_cache()
     flags = {"off": [False], "on": [True], "both": [False, True]}[args.fused]
     if parts & {"switch", "syncs"}:
         model = _model()

@@ -121,9 +121,12 @@ def run_row(row: str, args) -> dict:
             segments = [gf.Segment(p, 20, gf.Transition("apr")) for p in ps]
         else:
             segments = [gf.Segment(ps[0], frames)]
-        # warm-up: every shape of the run (no context up to a full window, a prompt switch) once
+        # warm-up: every shape of the run (no context up to a full window, a prompt switch, and each
+        # prompt: fused runs fold a prompt's padding, so prompt lengths give shapes too) once
         switch = gf.Transition("apr") if row == "grounded_apr6_120" else gf.Transition("default")
         warm = [gf.Segment(ps[0], 24), gf.Segment(ps[1], 9, switch)]
+        if row == "grounded_apr6_120":
+            warm += [gf.Segment(p, 3, switch) for p in ps[2:]]
         began = time.perf_counter()
         list(gf.stream(model, warm, policy, seed=0, dtype=dtype, attention=attention_backend(args.attention),
                        fused=fused))
