@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_chunk import bench  # noqa: E402
 
 from gf_core.wan import (  # noqa: E402
-    FOLD_MULTIPLE,
     biased_attention,
     fold_bias,
+    folded_rows,
     sdpa_attention,
     split_attention,
 )
@@ -90,7 +90,7 @@ def cross_rows(text_len: int = 512, queries: int = 4680) -> list[dict]:
         k[:, length:], v[:, length:] = k[:, length:length + 1].clone(), v[:, length:length + 1].clone()  # padding
         whole = sdpa_attention(q, k, v)
         flops = 4 * queries * text_len * HEADS * HEAD_DIM
-        kept = -(-(length + 1) // FOLD_MULTIPLE) * FOLD_MULTIPLE
+        kept = folded_rows(length)
         bias = fold_bias(kept, length, text_len, torch.bfloat16).cuda()
         folded = (q, k[:, :kept], v[:, :kept], bias)
         calls = [("whole", text_len, partial(sdpa_attention, q, k, v)),

@@ -372,6 +372,12 @@ def _param(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 FOLD_MULTIPLE = 64  # a folded prompt keeps a multiple of this many rows
 
 
+def folded_rows(pad_from: int) -> int:
+    """Rows a prompt whose padding starts at row ``pad_from`` keeps when folded: the first multiple of
+    ``FOLD_MULTIPLE`` past it, so at least one row of padding stands for the rest."""
+    return -(-(pad_from + 1) // FOLD_MULTIPLE) * FOLD_MULTIPLE
+
+
 def encode_text(model: nn.Module, embeds: torch.Tensor, text_len: int = 512, fold_from: int | None = None) -> TextContext:
     """Project prompt embeddings [B, L, text_dim] once into every block's cross-attention K/V.
 
@@ -394,7 +400,7 @@ def encode_text(model: nn.Module, embeds: torch.Tensor, text_len: int = 512, fol
         attn = block.cross_attn
         keys.append(attn.norm_k(attn.k(ctx)).view(b, -1, cfg.num_heads, cfg.head_dim))
         values.append(attn.v(ctx).view(b, -1, cfg.num_heads, cfg.head_dim))
-    kept = text_len if fold_from is None else -(-(fold_from + 1) // FOLD_MULTIPLE) * FOLD_MULTIPLE
+    kept = text_len if fold_from is None else folded_rows(fold_from)
     if kept >= text_len:
         return TextContext(keys, values)
     text = TextContext([k[:, :kept] for k in keys], [v[:, :kept] for v in values],
