@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from report import run_header, write_json  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,9 +52,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.reset_peak_memory_stats()
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
+    write_json(run_header(rows=rows), args.out)
 
 
 if __name__ == "__main__":

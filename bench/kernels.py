@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from profile_chunk import bench  # noqa: E402
+from report import run_header, write_json  # noqa: E402
 
 from gf_core.wan import (  # noqa: E402
     biased_attention,
@@ -177,12 +178,9 @@ def main() -> None:
     unknown = set(args.only.split(",")) - set(parts)
     if unknown:
         raise SystemExit(f"unknown part '{sorted(unknown)[0]}' in --only; use {', '.join(parts)}")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version()}
+    result = run_header(cudnn=torch.backends.cudnn.version())
     result.update({name: parts[name]() for name in args.only.split(",")})
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ few minutes to check the harness itself. See bench/reference.py for what is subs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from report import run_header, write_json  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = {
@@ -203,11 +204,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{case:26s} {dt:5s} frames {row['frames']:4d} rel L2 {row['rel_l2']:.3e} "
                       f"max|d| {row['max_abs']:.3e}  ref {row['reference_s']}s engine {row['engine_s']}s", flush=True)
-    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "tiny": args.tiny, "results": rows}
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(info, fh, indent=1)
+    write_json(run_header(tiny=args.tiny, results=rows), args.out)
     print("\n| case | dtype | latent frames | relative L2 | max abs diff |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['case']} | {r['dtype']} | {r['frames']} | {r['rel_l2']:.2e} | {r['max_abs']:.2e} |")

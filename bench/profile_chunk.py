@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from report import run_header, write_json  # noqa: E402
+
 
 def bench(fn, repeat: int = 20) -> float:
     """Median milliseconds of ``fn`` over ``repeat`` runs, timed with CUDA events after 3 warm-ups."""
@@ -335,13 +337,16 @@ def main() -> None:
                     help="an Inductor option to compile with, e.g. triton.multi_kernel=1 (repeatable)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "inductor": args.inductor}
-    if args.inductor:
+    info = run_header(inductor=args.inductor)
+    for option in args.inductor:
         from torch._inductor import config as inductor_config
 
-        for option in args.inductor:
-            name, _, value = option.partition("=")
-            inductor_config.patch({name: type(inductor_config.get_config_copy()[name])(int(value))}).__enter__()
+        name, _, value = option.partition("=")
+        *parents, leaf = name.split(".")
+        section = inductor_config
+        for part in parents:
+            section = getattr(section, part)
+        setattr(section, leaf, type(getattr(section, leaf))(int(value)))
     parts = {"kernels", "engine", "switch", "syncs", "graph"} if args.only == "all" else set(args.only.split(","))
     if "graph" in parts:
         info["graph"] = graph_profile(args.policy)
@@ -367,7 +372,7 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     if "kernels" not in parts and "engine" not in parts:
-        _write(info, args.out)
+        write_json(info, args.out)
         return
     info["ceilings"] = ceilings()
     print("ceilings", json.dumps(info["ceilings"]), flush=True)
@@ -385,13 +390,7 @@ def main() -> None:
               f"{json.dumps({k: round(v, 1) for k, v in r['device_ms_per_chunk'].items()})}", flush=True)
         for ms, count, name in r["top_kernels_ms_per_chunk"][:25]:
             print(f"  {ms:8.2f} ms {count:6d}x  {name}", flush=True)
-    _write(info, args.out)
-
-
-def _write(info: dict, path: str | None) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(info, fh, indent=1)
+    write_json(info, args.out)
 
 
 if __name__ == "__main__":

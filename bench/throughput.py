@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from report import run_header, write_json  # noqa: E402
+
 ROWS = ("grounded_120", "grounded_apr6_120", "longlive_engine_120", "longlive_reference_120",
         "self_forcing_reference_21", "grounded_long")
 
@@ -234,11 +236,7 @@ def main() -> None:
                 extra += f" late/early {r['late_over_early']:.3f} mem10 {r['memory_after_chunk'].get('10')} mem300 {r['memory_after_chunk'].get('300')}"
             print(f"{row:28s} {r['pixel_fps']:6.1f} px-fps peak {r['peak_gib']:.2f} GiB{extra}", flush=True)
     ref = next((r for r in results if r["row"].startswith("longlive_reference_120")), None)
-    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "attention": args.attention, "results": results}
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(info, fh, indent=1)
+    write_json(run_header(attention=args.attention, results=results), args.out)
     print("\n| row | latent frames | pixel frames/s | x LongLive ref | peak GiB |\n| --- | --- | --- | --- | --- |")
     for r in results:
         ratio = f"{r['pixel_fps'] / ref['pixel_fps']:.2f}" if ref else "-"
