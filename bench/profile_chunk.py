@@ -335,9 +335,15 @@ def main() -> None:
     ap.add_argument("--only", default="all", help="all, or a comma list of: kernels, engine, switch, syncs, graph")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="an Inductor option to compile with, e.g. triton.multi_kernel=1 (repeatable)")
+    ap.add_argument("--rotate-kernel", default="on", choices=("on", "off"),
+                    help="off: fused blocks rotate their context keys with PyTorch (not gf_core.rope_kernel)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    info = run_header(inductor=args.inductor)
+    info = run_header(inductor=args.inductor, rotate_kernel=args.rotate_kernel)
+    if args.rotate_kernel == "off":
+        from gf_core import rope_kernel
+
+        rope_kernel.enabled = False
     for option in args.inductor:
         from torch._inductor import config as inductor_config
 

@@ -72,7 +72,8 @@ def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
 def run_row(row: str, args) -> dict:
     """One measurement. An engine row may add "+fused" (blocks compiled with torch.compile) and
     "+decode" (Wan VAE decode of every chunk on a second CUDA stream, end to end) or
-    "+decode_serial" (the same decode on the sampling stream, after each chunk), and end in
+    "+decode_serial" (the same decode on the sampling stream, after each chunk), "+torch_rope"
+    (fused blocks rotate their context keys with PyTorch, not gf_core.rope_kernel), and end in
     "@backend" to pick its attention (e.g. "grounded_120+fused+decode@cudnn")."""
     name = row
     row, _, backend = row.partition("@")
@@ -81,6 +82,10 @@ def run_row(row: str, args) -> dict:
     row, *variants = row.split("+")
     fused = "fused" in variants
     decode = "decode" in variants or "decode_serial" in variants
+    if "torch_rope" in variants:
+        from gf_core import rope_kernel
+
+        rope_kernel.enabled = False
     from gf_core import WanConfig, random_state_dict
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -155,6 +160,7 @@ def run_row(row: str, args) -> dict:
         result.update(frames=frames, seconds=seconds, chunk_seconds=chunk_s, first_chunk_s=chunk_s[0],
                       median_chunk_s=median,
                       switch_cost_chunks=[chunk_s[i] / median for i in switches] if switches else None,
+                      switch_added_chunks=[chunk_s[i] / median - 1 for i in switches] if switches else None,
                       memory_after_chunk=mem_after)
         if row == "grounded_long" and len(chunk_s) > 330:
             early, late = statistics.median(chunk_s[10:40]), statistics.median(chunk_s[300:330])
@@ -227,7 +233,8 @@ def main() -> None:
             if r.get("median_chunk_s"):
                 extra = f" median chunk {r['median_chunk_s'] * 1e3:.0f} ms first {r['first_chunk_s'] * 1e3:.0f} ms"
             if r.get("switch_cost_chunks"):
-                extra += f" switch {max(r['switch_cost_chunks']):.2f} chunks"
+                extra += (f" switch chunk {max(r['switch_cost_chunks']):.3f} chunk times"
+                          f" (adds {max(r['switch_added_chunks']):.3f})")
             if r.get("decoded_pixel_frames"):
                 extra += f" end to end, {r['decoded_pixel_frames']} pixel frames decoded"
             if r.get("warmup_s"):

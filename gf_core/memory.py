@@ -99,29 +99,34 @@ class ContextSource:
 
     The block gathers and rotates them as it attends (:func:`~gf_core.wan.block_step`). When the
     plan attends to every memory slot and the store has scratch slots, the context also carries
-    the rotations in slot order (``Context.whole_freqs``), so a fused block may read the store in
+    the rotations and, given the plan's temporal ``index``, the indices in slot order
+    (``Context.whole_freqs``, ``Context.whole_index``), so a fused block may read the store in
     place instead of gathering (the keys then come in slot order, which changes only the order
     of attention's sums).
     """
 
-    def __init__(self, store: FrameStore, slots: list[int], freqs: torch.Tensor | None):
+    def __init__(self, store: FrameStore, slots: list[int], freqs: torch.Tensor | None,
+                 index: list[int] | None = None):
         self.store = store
         self.freqs = freqs
         self.slot_index = None
         self.whole_freqs = None
+        self.whole_index = None
         if slots:
             self.slot_index = index_tensor(slots, store.keys.device)
             if store.scratch and sorted(slots) == list(range(store.slots)):
                 tokens = freqs.shape[0] // len(slots)
-                order = torch.tensor(sorted(range(len(slots)), key=slots.__getitem__))
-                rows = (order[:, None] * tokens + torch.arange(tokens)).flatten()
+                order = sorted(range(len(slots)), key=slots.__getitem__)
+                rows = (torch.tensor(order)[:, None] * tokens + torch.arange(tokens)).flatten()
                 self.whole_freqs = freqs.index_select(0, upload(rows, freqs.device))
+                if index is not None:
+                    self.whole_index = [index[j] for j in order]
 
     def context(self, block: int) -> Context | None:
         if self.slot_index is None:
             return None
         return Context(self.store.keys[block], self.store.values[block], self.slot_index, self.freqs,
-                       self.whole_freqs)
+                       self.whole_freqs, self.whole_index)
 
 
 @dataclass
@@ -258,7 +263,7 @@ class Memory:
         if not plan.keys:
             return ContextSource(self.store, [], None)
         freqs = rope.frequencies(plan.key_index, grid_hw[0], grid_hw[1], rope_kind, self.store.keys.device)
-        return ContextSource(self.store, [f.slot for _, f in plan.keys], freqs)
+        return ContextSource(self.store, [f.slot for _, f in plan.keys], freqs, plan.key_index)
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .transfer import upload
+
 
 def axis_dims(head_dim: int) -> tuple[int, int, int]:
     """Complex pairs per axis (time, height, width) for a head of ``head_dim`` channels."""
@@ -39,6 +41,14 @@ class RopeTable:
         self._angles = [_axis_angles(max_positions, n, theta) for n in (t, h, w)]
         self._cache: dict[tuple, torch.Tensor] = {}
 
+    def _check(self, frame_index: list[int]) -> None:
+        bad = [i for i in frame_index if not 0 <= i < self.max_positions]
+        if bad:
+            raise ValueError(
+                f"temporal RoPE index {bad[0]} is outside the table of "
+                f"{self.max_positions} positions; shorten the video or use a bounded-index memory policy"
+            )
+
     def _axis(self, axis: int, kind: str, device: torch.device) -> torch.Tensor:
         key = (axis, kind, device)
         table = self._cache.get(key)
@@ -64,12 +74,7 @@ class RopeTable:
             device = device or frame_index.device
             frame_index = frame_index.tolist()
         device = torch.device(device or "cpu")
-        bad = [i for i in frame_index if not 0 <= i < self.max_positions]
-        if bad:
-            raise ValueError(
-                f"temporal RoPE index {bad[0]} is outside the table of "
-                f"{self.max_positions} positions; shorten the video or use a bounded-index memory policy"
-            )
+        self._check(frame_index)
         frames = len(frame_index)
         index = torch.tensor(frame_index, dtype=torch.long).to(device, non_blocking=True)
         t = self._axis(0, kind, device)[index]
@@ -82,6 +87,19 @@ class RopeTable:
             w.view(1, 1, width, -1).expand(*shape, -1),
         ], dim=3)
         return freqs.reshape(frames * height * width, 1, -1)
+
+    def axis_rotations(
+        self, frame_index: list[int], height: int, width: int, device: torch.device | str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The float32 rotations of :meth:`frequencies` per axis, as (cos, sin) pairs: time per frame
+        [F, t, 2], height [height, h, 2], width [width, w, 2] (t, h, w from :func:`axis_dims`)."""
+        self._check(frame_index)
+        device = torch.device(device)
+        index = upload(torch.tensor(frame_index, dtype=torch.long), device)
+        t = self._axis(0, "float32", device)[index]
+        h = self._axis(1, "float32", device)[:height]
+        w = self._axis(2, "float32", device)[:width]
+        return tuple(torch.view_as_real(a).contiguous() for a in (t, h, w))
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rope_kernel
 from .rope import RopeTable, apply_rope
 from .transfer import upload
 
@@ -346,6 +347,7 @@ class Context:
     slots: torch.Tensor
     freqs: torch.Tensor
     whole_freqs: torch.Tensor | None = None  # set when ``slots`` are every memory slot: rotations in slot order
+    whole_index: list[int] | None = None  # with ``whole_freqs``: the slots' temporal indices, in slot order
 
 
 @dataclass
@@ -481,6 +483,19 @@ def forward_chunk(
         return converted[id(f)]
 
     freqs = rotations(freqs)
+    kernel = fused and rope_kernel.available(x.device)
+    axes: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def context_rotations(ctx: Context) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What a block reading the store in place rotates its keys with: on a GPU with Triton, the
+        axis tables of the context's frames and then the chunk's (:func:`rope_kernel.rotate_cat`)."""
+        if not kernel or ctx.whole_index is None:
+            return rotations(ctx.whole_freqs)
+        if id(ctx.whole_freqs) not in axes:  # the memory gives every block the same frames
+            own = query_index.tolist() if isinstance(query_index, torch.Tensor) else list(query_index)
+            axes[id(ctx.whole_freqs)] = rope.axis_rotations(ctx.whole_index + own, grid[1], grid[2], x.device)
+        return axes[id(ctx.whole_freqs)]
+
     captured_k: list[torch.Tensor] = []
     captured_v: list[torch.Tensor] = []
     last = len(model.blocks) - 1
@@ -491,7 +506,7 @@ def forward_chunk(
         elif fused and ctx.whole_freqs is not None and not own_keys_from \
                 and ctx.values.shape[1] - ctx.keys.shape[1] == grid[0]:
             # every memory slot, read in place; the chunk's values go to the scratch slots
-            ctx_parts = (ctx.keys, ctx.values, None, rotations(ctx.whole_freqs))
+            ctx_parts = (ctx.keys, ctx.values, None, context_rotations(ctx))
         else:
             ctx_parts = (ctx.keys, ctx.values, ctx.slots, rotations(ctx.freqs))
         keys_only = not compute_output and i == last
@@ -528,7 +543,7 @@ def block_step(
     context_keys: torch.Tensor | None,
     context_values: torch.Tensor | None,
     context_slots: torch.Tensor | None,
-    context_freqs: torch.Tensor | None,
+    context_freqs: torch.Tensor | tuple[torch.Tensor, ...] | None,
     rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     attention: AttentionFn,
     own_from: int = 0,
@@ -541,7 +556,10 @@ def block_step(
     ``e0`` [B, frames, 6, dim] is the time projection; ``freqs`` the chunk's rotations; the chunk
     attends to the context (the parts of a :class:`Context`, or four Nones) and then to its own
     tokens from ``own_from`` on. Without ``context_slots`` the context is every stored slot in
-    order, and ``context_values`` has ``frames`` scratch slots after them for the chunk's values.
+    order, and ``context_values`` has ``frames`` scratch slots after them for the chunk's values;
+    ``context_freqs`` is then either per-token rotations or the axis tables of
+    :meth:`~gf_core.rope.RopeTable.axis_rotations` for the context's frames and the chunk's
+    (:func:`~gf_core.rope_kernel.rotate_cat`).
     ``keys_only`` stops once the raw K/V are known (the last block of a cache-writing pass).
     ``gelu_in_product`` applies the FFN's GELU in its first product (:func:`feed_forward`);
     ``text_bias`` is a folded prompt's logit offsets (:class:`TextContext`).
@@ -565,7 +583,11 @@ def block_step(
         k_own, v_own = k_own[:, own_from:], v[:, own_from:]
     if context_keys is not None and context_slots is None:
         context_values[:, context_keys.shape[1]:] = v.view(b, frames, tokens, heads, hd)
-        k_all = torch.cat([rotate(context_keys.flatten(1, 2), context_freqs), k_own], dim=1)
+        if isinstance(context_freqs, tuple):  # axis tables: one kernel rotates and concatenates
+            cat = rope_kernel.rotate_cat if k.is_cuda else rope_kernel.rotate_cat_reference
+            k_all = cat(context_keys, k, *context_freqs)
+        else:
+            k_all = torch.cat([rotate(context_keys.flatten(1, 2), context_freqs), k_own], dim=1)
         v_all = context_values.flatten(1, 2)
     elif context_keys is not None:
         ck = context_keys.index_select(1, context_slots).flatten(1, 2)

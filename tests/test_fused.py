@@ -72,6 +72,31 @@ def test_in_place_context_is_used_in_the_steady_state_and_equals_gathering(model
     torch.testing.assert_close(in_place.latents, plain.latents, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("policy", ["grounded", "longlive"])
+def test_axis_table_context_equals_gathering(model, policy, monkeypatch):
+    """Where the rotate-and-concatenate kernel runs (a GPU with Triton), a block reading the store in
+    place gets the axis tables of its context's frames and its own (gf_core.rope_kernel); forced
+    here on a CPU, where the same operation runs in PyTorch, through APR blends and a cut."""
+    import gf_core.rope_kernel as rope_kernel
+    import gf_core.wan as wan
+
+    modes = []
+
+    def recording_step(*args):
+        if args[8] is not None and args[10] is None:
+            modes.append("axis tables" if isinstance(args[11], tuple) else "per-token table")
+        return wan.block_step(*args)
+
+    monkeypatch.setattr(wan, "fused_block_step", lambda: recording_step)
+    monkeypatch.setattr(rope_kernel, "available", lambda device: True)
+    segs = [gf.Segment(prompt(0), 15), gf.Segment(prompt(1), 9, gf.Transition("apr")),
+            gf.Segment(prompt(2), 9, gf.Transition("cut" if policy == "grounded" else "default"))]
+    plain = gf.generate(model, segs, policy, seed=5, **RUN)
+    tables = gf.generate(model, segs, policy, seed=5, fused=True, **RUN)
+    assert modes and set(modes) == {"axis tables"}
+    torch.testing.assert_close(tables.latents, plain.latents, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_on_a_gpu_without_triton_is_refused_in_one_sentence(monkeypatch):
     import importlib.util
 
