@@ -38,14 +38,12 @@ from profile_chunk import bench  # noqa: E402
 from report import run_header, write_json  # noqa: E402
 
 from gf_core import rope_kernel  # noqa: E402
-from gf_core.rope import RopeTable  # noqa: E402
+from gf_core.rope import RopeTable, real_freqs, rotate_real  # noqa: E402
 from gf_core.wan import (  # noqa: E402
     attention_with_lse,
     biased_attention,
     fold_bias,
     folded_rows,
-    real_freqs,
-    rotate_real,
     sdpa_attention,
     split_attention,
 )

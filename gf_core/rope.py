@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .transfer import upload
+from .transfer import index_tensor
 
 
 def axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -60,6 +60,14 @@ class RopeTable:
             table = self._cache[key] = table.to(device)
         return table
 
+    def _axes(self, frame_index: list[int], height: int, width: int, kind: str,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each axis' rotations: time per frame [F, t], height [height, h], width [width, w]."""
+        self._check(frame_index)
+        index = index_tensor(frame_index, device)
+        return (self._axis(0, kind, device)[index], self._axis(1, kind, device)[:height],
+                self._axis(2, kind, device)[:width])
+
     def frequencies(
         self, frame_index: list[int] | torch.Tensor, height: int, width: int, kind: str,
         device: torch.device | str | None = None,
@@ -73,33 +81,28 @@ class RopeTable:
         if isinstance(frame_index, torch.Tensor):
             device = device or frame_index.device
             frame_index = frame_index.tolist()
-        device = torch.device(device or "cpu")
-        self._check(frame_index)
-        frames = len(frame_index)
-        index = torch.tensor(frame_index, dtype=torch.long).to(device, non_blocking=True)
-        t = self._axis(0, kind, device)[index]
-        h = self._axis(1, kind, device)[:height]
-        w = self._axis(2, kind, device)[:width]
-        shape = (frames, height, width)
-        freqs = torch.cat([
-            t.view(frames, 1, 1, -1).expand(*shape, -1),
-            h.view(1, height, 1, -1).expand(*shape, -1),
-            w.view(1, 1, width, -1).expand(*shape, -1),
-        ], dim=3)
-        return freqs.reshape(frames * height * width, 1, -1)
+        return per_token(*self._axes(frame_index, height, width, kind, torch.device(device or "cpu")))
 
     def axis_rotations(
         self, frame_index: list[int], height: int, width: int, device: torch.device | str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The float32 rotations of :meth:`frequencies` per axis, as (cos, sin) pairs: time per frame
         [F, t, 2], height [height, h, 2], width [width, w, 2] (t, h, w from :func:`axis_dims`)."""
-        self._check(frame_index)
-        device = torch.device(device)
-        index = upload(torch.tensor(frame_index, dtype=torch.long), device)
-        t = self._axis(0, "float32", device)[index]
-        h = self._axis(1, "float32", device)[:height]
-        w = self._axis(2, "float32", device)[:width]
-        return tuple(torch.view_as_real(a).contiguous() for a in (t, h, w))
+        axes = self._axes(frame_index, height, width, "float32", torch.device(device))
+        return tuple(torch.view_as_real(a).contiguous() for a in axes)
+
+
+def per_token(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each axis' complex rotations (time per frame [F, t], height [H, h], width [W, w]) as one per
+    token [F*H*W, 1, t+h+w], tokens in frame-major, row-major order."""
+    frames, height, width = t.shape[0], h.shape[0], w.shape[0]
+    shape = (frames, height, width)
+    freqs = torch.cat([
+        t.view(frames, 1, 1, -1).expand(*shape, -1),
+        h.view(1, height, 1, -1).expand(*shape, -1),
+        w.view(1, 1, width, -1).expand(*shape, -1),
+    ], dim=3)
+    return freqs.reshape(frames * height * width, 1, -1)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -112,3 +115,19 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     real = torch.float64 if freqs.dtype == torch.complex128 else torch.float32
     z = torch.view_as_complex(x.to(real).reshape(b, length, heads, dim // 2, 2))
     return torch.view_as_real(z * freqs).flatten(3).type_as(x)
+
+
+def real_freqs(freqs: torch.Tensor) -> torch.Tensor:
+    """Complex64 rotations [L, 1, D/2] as a float32 table [2, L, 1, D] for :func:`rotate_real`:
+    each pair's cosine twice, then its sine with the sign the pair's first channel needs."""
+    cos = freqs.real.repeat_interleave(2, dim=-1)
+    signed_sin = torch.stack((-freqs.imag, freqs.imag), dim=-1).flatten(-2)
+    return torch.stack((cos, signed_sin)).contiguous()
+
+
+def rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` in float32 real arithmetic (no complex numbers, for torch.compile):
+    (a, b) -> (a cos - b sin, b cos + a sin) as x * cos + swap_pairs(x) * signed sin."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * table[0] + swapped * table[1]).type_as(x)

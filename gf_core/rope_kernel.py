@@ -6,7 +6,7 @@ Inductor compiles that rotate-and-concatenate, it also reads a per-token float32
 the size of the keys. :func:`rotate_cat` reads
 each head's row once, takes its rotation from the three axes' small tables (time per frame,
 height, width; :meth:`~gf_core.rope.RopeTable.axis_rotations`) and writes the rotated rows
-straight into the concatenated keys. Same arithmetic as :func:`~gf_core.wan.rotate_real`:
+straight into the concatenated keys. Same arithmetic as :func:`~gf_core.rope.rotate_real`:
 float32, rounded once.
 
 Only defined where Triton is installed; :func:`available` says whether this process can use it.
@@ -17,6 +17,8 @@ for tests).
 from __future__ import annotations
 
 import torch
+
+from .rope import per_token, real_freqs, rotate_real
 
 try:
     import triton
@@ -35,19 +37,8 @@ def rotate_cat_reference(context: torch.Tensor, own: torch.Tensor, t_rot: torch.
     frames) turns its time pairs by ``t_rot[j]``; the token at (row, column) of every frame's
     ``h_rot.shape[0]`` x ``w_rot.shape[0]`` grid turns its height and width pairs by ``h_rot[row]``
     and ``w_rot[column]`` ((cos, sin) per pair, :meth:`~gf_core.rope.RopeTable.axis_rotations`)."""
-    b, s, t, h, d = context.shape
-    frames = t_rot.shape[0]
-    rows, cols = h_rot.shape[0], w_rot.shape[0]
-    grid = (frames, rows, cols)
-    table = torch.cat([
-        t_rot.view(frames, 1, 1, -1, 2).expand(*grid, -1, 2),
-        h_rot.view(1, rows, 1, -1, 2).expand(*grid, -1, 2),
-        w_rot.view(1, 1, cols, -1, 2).expand(*grid, -1, 2),
-    ], dim=3).reshape(frames * t, 1, d // 2, 2)
-    x = torch.cat([context.flatten(1, 2), own], dim=1).float().unflatten(-1, (d // 2, 2))
-    a, c = x[..., 0], x[..., 1]
-    cos, sin = table[..., 0], table[..., 1]
-    return torch.stack((a * cos - c * sin, c * cos + a * sin), dim=-1).flatten(-2).to(context.dtype)
+    freqs = per_token(*(torch.view_as_complex(a) for a in (t_rot, h_rot, w_rot)))
+    return rotate_real(torch.cat([context.flatten(1, 2), own], dim=1), real_freqs(freqs))
 
 
 def available(device: torch.device | str) -> bool:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rope_kernel
-from .rope import RopeTable, apply_rope
+from .rope import RopeTable, apply_rope, real_freqs, rotate_real
 from .transfer import upload
 
 HEAD_DIM = 128
@@ -484,17 +484,17 @@ def forward_chunk(
 
     freqs = rotations(freqs)
     kernel = fused and rope_kernel.available(x.device)
-    axes: dict[int, tuple[torch.Tensor, ...]] = {}
+    axes: list[tuple[torch.Tensor, ...]] = []
 
     def context_rotations(ctx: Context) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """What a block reading the store in place rotates its keys with: on a GPU with Triton, the
         axis tables of the context's frames and then the chunk's (:func:`rope_kernel.rotate_cat`)."""
         if not kernel or ctx.whole_index is None:
             return rotations(ctx.whole_freqs)
-        if id(ctx.whole_freqs) not in axes:  # the memory gives every block the same frames
+        if not axes:  # the memory gives every block the same frames
             own = query_index.tolist() if isinstance(query_index, torch.Tensor) else list(query_index)
-            axes[id(ctx.whole_freqs)] = rope.axis_rotations(ctx.whole_index + own, grid[1], grid[2], x.device)
-        return axes[id(ctx.whole_freqs)]
+            axes.append(rope.axis_rotations(ctx.whole_index + own, grid[1], grid[2], x.device))
+        return axes[0]
 
     captured_k: list[torch.Tensor] = []
     captured_v: list[torch.Tensor] = []
@@ -578,24 +578,23 @@ def block_step(
     if keys_only:
         return None, k, v
     q_rot = rotate(q, freqs)
-    k_own, v_own = rotate(k, freqs), v
-    if own_from:
-        k_own, v_own = k_own[:, own_from:], v[:, own_from:]
-    if context_keys is not None and context_slots is None:
+    if context_keys is not None and context_slots is None:  # (own_from is 0 here)
         context_values[:, context_keys.shape[1]:] = v.view(b, frames, tokens, heads, hd)
         if isinstance(context_freqs, tuple):  # axis tables: one kernel rotates and concatenates
             cat = rope_kernel.rotate_cat if k.is_cuda else rope_kernel.rotate_cat_reference
             k_all = cat(context_keys, k, *context_freqs)
         else:
-            k_all = torch.cat([rotate(context_keys.flatten(1, 2), context_freqs), k_own], dim=1)
+            k_all = torch.cat([rotate(context_keys.flatten(1, 2), context_freqs), rotate(k, freqs)], dim=1)
         v_all = context_values.flatten(1, 2)
-    elif context_keys is not None:
-        ck = context_keys.index_select(1, context_slots).flatten(1, 2)
-        cv = context_values.index_select(1, context_slots).flatten(1, 2)
-        k_all = torch.cat([rotate(ck, context_freqs), k_own], dim=1)
-        v_all = torch.cat([cv, v_own], dim=1)
     else:
-        k_all, v_all = k_own, v_own
+        k_own, v_own = rotate(k, freqs)[:, own_from:], v[:, own_from:]
+        if context_keys is not None:
+            ck = context_keys.index_select(1, context_slots).flatten(1, 2)
+            cv = context_values.index_select(1, context_slots).flatten(1, 2)
+            k_all = torch.cat([rotate(ck, context_freqs), k_own], dim=1)
+            v_all = torch.cat([cv, v_own], dim=1)
+        else:
+            k_all, v_all = k_own, v_own
     y = sa.o(attention(q_rot, k_all, v_all).flatten(2))
     del k_all, v_all
     h = h + (y.unflatten(1, (frames, tokens)) * gate).flatten(1, 2)
@@ -629,22 +628,6 @@ def feed_forward(ffn: nn.Module, x: torch.Tensor, gelu_in_product: bool = False)
         hidden = torch._addmm_activation(up.bias, x.flatten(0, 1), up.weight.t(), use_gelu=True)
         return down(hidden.unflatten(0, x.shape[:2]))
     return ffn(x)
-
-
-def real_freqs(freqs: torch.Tensor) -> torch.Tensor:
-    """Complex64 rotations [L, 1, D/2] as a float32 table [2, L, 1, D] for :func:`rotate_real`:
-    each pair's cosine twice, then its sine with the sign the pair's first channel needs."""
-    cos = freqs.real.repeat_interleave(2, dim=-1)
-    signed_sin = torch.stack((-freqs.imag, freqs.imag), dim=-1).flatten(-2)
-    return torch.stack((cos, signed_sin)).contiguous()
-
-
-def rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """:func:`~gf_core.rope.apply_rope` in float32 real arithmetic (no complex numbers, for torch.compile):
-    (a, b) -> (a cos - b sin, b cos + a sin) as x * cos + swap_pairs(x) * signed sin."""
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (xf * table[0] + swapped * table[1]).type_as(x)
 
 
 _TANH_EPILOGUE: dict[torch.device, bool] = {}

@@ -9,8 +9,7 @@ import torch
 from helpers import CFG, RUN, fail_compiling, prompt
 
 import gf_core as gf
-from gf_core.rope import RopeTable, apply_rope
-from gf_core.wan import real_freqs, rotate_real
+from gf_core.rope import RopeTable, apply_rope, real_freqs, rotate_real
 
 
 def test_rotate_real_matches_the_complex64_product():

@@ -13,8 +13,7 @@ import torch
 
 from gf_core import rope_kernel
 from gf_core.memory import ContextSource, FrameStore
-from gf_core.rope import RopeTable
-from gf_core.wan import real_freqs, rotate_real
+from gf_core.rope import RopeTable, real_freqs, rotate_real
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
