@@ -40,13 +40,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from .errors import BadInput
 from .wan import WanConfig, WanModel
 
 Source = str | os.PathLike | list | tuple
 Lora = dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint that cannot be used; the message says what is wrong and what to do."""
 
 
