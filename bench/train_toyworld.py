@@ -436,16 +436,29 @@ def evaluate(folder: str, device: torch.device, size: int, seeds: int = 2) -> di
                         "mean": round(sum(s for s in scores if s is not None) / max(1, len(scores)), 4)}
     truth = tw.to_rgb(tw.story_latents(tw.play(EVAL_SCRIPTS[0]), size))[0, :21:2]
     grid = torch.cat([torch.cat(list(p), dim=2) for p in [truth, *pictures]], dim=1)  # [3, rows*h, cols*w]
-    from PIL import Image
-
-    img = (grid.permute(1, 2, 0).cpu() * 255).round().byte().numpy()
-    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(os.path.join(folder, "eval.png"))
+    write_png(grid.repeat_interleave(4, 1).repeat_interleave(4, 2), os.path.join(folder, "eval.png"))
     result = {"policies": rows, "scripts": [list(map(list, s)) for s in EVAL_SCRIPTS], "seeds": seeds,
               "seconds": round(time.perf_counter() - began, 1),
               "picture": "eval.png: the truth, then " + ", ".join(POLICIES) + " (script 1, seed 0, every other frame)"}
     with open(os.path.join(folder, "eval.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
     return result
+
+
+def write_png(rgb: torch.Tensor, path: str) -> None:
+    """RGB [3, H, W] in [0, 1] as an 8-bit PNG (standard library only: the GPU host may lack Pillow)."""
+    import struct
+    import zlib
+
+    img = (rgb.permute(1, 2, 0).cpu().clamp(0, 1) * 255).round().byte().numpy()
+    raw = b"".join(b"\x00" + row.tobytes() for row in img)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 2, 0, 0, 0)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
 def main(argv: list[str] | None = None) -> None:
