@@ -1,0 +1,501 @@
+"""Train the toy-world model: a small Wan2.1 DiT of this pack's architecture, chunk-wise causal.
+
+Every step takes a batch of 21-frame windows (7 chunks of 3 latent frames) of random toy-world
+stories (gf_core.toyworld) and runs ONE forward over [clean frames | noisy frames] with a
+block-causal mask: clean chunk c attends to the clean context frames chunk c may see and to
+itself, noisy chunk c to the same context and to itself. Temporal RoPE indices are the frame
+indices (0-20, the range the real models were trained on); each chunk has its own prompt in
+cross-attention and its own noise level, one of the four sigmas of the sampler's schedule
+(gf_core.sampler.Schedule.few_step), and the model predicts the flow-matching velocity
+v = eps - x0 of x = (1 - sigma) x0 + sigma eps. The forward is built from gf_core.wan's own
+block function (block_step), so it is exactly forward_chunk with a cache holding the clean
+context encoded at the cache-pass timestep (tests/test_toyworld.py checks this to 1e-5).
+
+The context a chunk may see is drawn per step: every earlier frame (as Self-Forcing), or a sink
+of the window's first 1 or 3 frames plus the newest 2, 6 or 9 frames (as the windowed memories
+see it). A chunk's loss counts only where its picture is determined: every subject it shows is
+named by its prompt or visible in a frame it attends to, and a window that starts mid-story
+does not train its first chunk.
+
+    python bench/train_toyworld.py --minutes 7 --out OUT           # on a GPU: trains, then --eval
+    python bench/train_toyworld.py --device cpu --steps 2 --size 8 --frames 9 --layers 1 --out OUT
+
+Writes into --out: toyworld.safetensors (bf16 weights, Wan keys), toyworld_words.safetensors
+(the word table), train.json (settings, loss curve, seconds), and with --eval eval.json and
+eval.png (first frames of the evaluation clips, one row per policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import gf_core as gf  # noqa: E402
+from gf_core import toyworld as tw  # noqa: E402
+from gf_core.rope import RopeTable, apply_rope  # noqa: E402
+from gf_core.sampler import Schedule  # noqa: E402
+from gf_core.wan import WanConfig, block_step, encode_text, sinusoid, unpatchify  # noqa: E402
+
+CHUNK = tw.CHUNK_FRAMES
+MAX_WORDS = 10  # the longest sentence of the toy world has 9 words
+
+
+def model_config(layers: int = 4, ffn: int = 1024) -> WanConfig:
+    """The toy model: dim 256 (2 heads of 128), ``layers`` blocks, word vectors of tw.TEXT_DIM."""
+    return WanConfig(dim=256, ffn_dim=ffn, num_heads=2, num_layers=layers, text_dim=tw.TEXT_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# The masked forward
+
+
+class BlockCausalAttention:
+    """The ``attention`` of :func:`gf_core.wan.block_step` for a [clean | noisy] forward of C chunks.
+
+    Self-attention (queries and keys of the whole sequence) runs under the frame mask ``allowed``
+    [2F, 2F] (True: attend; :func:`frame_mask`): through SDPA with the token mask, or through
+    FlexAttention (``flex``: the compiled kernel; it skips the blocks the mask leaves out, most of
+    them). Cross-attention gets every chunk's prompt K/V side by side ([B, C * text_len, H, D]) and
+    lets the tokens of chunk c (its clean and its noisy copy) attend only to prompt c.
+    """
+
+    def __init__(self, allowed: torch.Tensor, chunks: int, tokens_per_frame: int, text_len: int,
+                 flex=None, block_mask=None):
+        if 2 * chunks * CHUNK * tokens_per_frame == chunks * text_len:
+            raise ValueError("the sequence and the prompts have the same length; change text_len")
+        self.chunks, self.chunk_tokens, self.text_len = chunks, CHUNK * tokens_per_frame, text_len
+        self.flex, self.block_mask = flex, block_mask
+        if flex is None:
+            self.mask = allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, length, heads, dim = q.shape
+        if k.shape[1] == length:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if self.flex is None:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask).transpose(1, 2)
+            if torch.is_autocast_enabled(q.device.type):  # FlexAttention is not an autocast op
+                dtype = torch.get_autocast_dtype(q.device.type)
+                q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            return self.flex(q, k, v, block_mask=self.block_mask).transpose(1, 2)
+        c, t = self.chunks, self.chunk_tokens
+        qc = q.view(b, 2, c, t, heads, dim).transpose(1, 2).reshape(b * c, 2 * t, heads, dim)
+        kc = k.reshape(b * c, self.text_len, heads, dim)
+        vc = v.reshape(b * c, self.text_len, heads, dim)
+        out = F.scaled_dot_product_attention(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2))
+        return out.transpose(1, 2).reshape(b, c, 2, t, heads, dim).transpose(1, 2).reshape(b, length, heads, dim)
+
+
+class FlexMasks:
+    """FlexAttention block masks of frame masks [2F, 2F], one per context kind.
+
+    One mask function reads one frame-mask buffer, refilled before each step, so the compiled
+    kernel never sees a new function (which would compile it again).
+    """
+
+    def __init__(self, frames: int, tokens_per_frame: int, device: torch.device):
+        self.allowed = allowed = torch.zeros(2 * frames, 2 * frames, dtype=torch.bool, device=device)
+        self.tokens = tokens_per_frame
+        self.masks: dict[str, object] = {}
+
+        def mask_mod(b, h, q, kv):
+            return allowed[q // tokens_per_frame, kv // tokens_per_frame]
+
+        self.mask_mod = mask_mod
+
+    def get(self, kind: str, allowed: torch.Tensor):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        self.allowed.copy_(allowed)
+        if kind not in self.masks:
+            length = self.allowed.shape[0] * self.tokens
+            self.masks[kind] = create_block_mask(self.mask_mod, None, None, length, length, device=self.allowed.device)
+        return self.masks[kind]
+
+
+def frame_mask(context: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[2F, 2F] bool (True: attend) over [clean frames | noisy frames] for chunks of CHUNK frames, where
+    ``context[c]`` lists the frames before chunk c that chunk c (clean and noisy) attends to."""
+    chunks = len(context)
+    frames = chunks * CHUNK
+    allowed = torch.zeros(2 * frames, 2 * frames, dtype=torch.bool)
+    for c, ctx in enumerate(context):
+        own = list(range(c * CHUNK, (c + 1) * CHUNK))
+        for f in own:
+            allowed[f, ctx + own] = True  # clean rows: context + own clean chunk
+            allowed[frames + f, ctx] = True  # noisy rows: context (clean) + own noisy chunk
+            allowed[frames + f, [frames + g for g in own]] = True
+    return allowed.to(device)
+
+
+def train_forward(
+    model: torch.nn.Module,
+    clean: torch.Tensor,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompts: torch.Tensor,
+    context: list[list[int]],
+    rope: RopeTable,
+    flex=None,
+    block_mask=None,
+) -> torch.Tensor:
+    """Velocity of every noisy chunk, each attending to its context's clean frames and itself.
+
+    Args:
+        clean, noisy: latents [B, 16, F, H, W] (F = C * CHUNK frames; temporal RoPE index = frame index).
+        timesteps: [B, C] the noisy chunks' timesteps (clean frames run at the cache-pass timestep 0).
+        prompts: [B, C, words, text_dim] each chunk's prompt embedding (zero rows after the last word).
+        context: per chunk, the earlier frames it attends to (:func:`frame_mask`).
+        flex, block_mask: run self-attention through this FlexAttention function and the block mask
+            of the context (:func:`flex_block_mask`) instead of SDPA with a token mask.
+
+    Returns: the velocity [B, 16, F, H, W] of the noisy frames.
+    """
+    cfg = WanConfig.from_module(model)
+    b, _, frames, height, width = clean.shape
+    chunks = frames // CHUNK
+    grid = (2 * frames, height // cfg.patch_size[1], width // cfg.patch_size[2])
+    tokens = grid[1] * grid[2]
+    h = model.patch_embedding(torch.cat([clean, noisy], dim=2)).flatten(2).transpose(1, 2).contiguous()
+    t = torch.cat([torch.zeros(b, frames, device=clean.device), timesteps.repeat_interleave(CHUNK, dim=1)], dim=1)
+    e = model.time_embedding(sinusoid(cfg.freq_dim, t.reshape(-1)).type_as(h))  # [B * 2F, dim]
+    e0 = model.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, 2 * frames))
+    index = list(range(frames))
+    freqs = rope.frequencies(index + index, grid[1], grid[2], "float32", clean.device)
+    text = encode_text(model, prompts.flatten(0, 1), cfg.text_len)
+    attention = BlockCausalAttention(frame_mask(context, clean.device), chunks, tokens, cfg.text_len, flex, block_mask)
+    for i, block in enumerate(model.blocks):
+        keys = text.keys[i].reshape(b, chunks * cfg.text_len, cfg.num_heads, cfg.head_dim)
+        values = text.values[i].reshape(b, chunks * cfg.text_len, cfg.num_heads, cfg.head_dim)
+        h, _, _ = block_step(block, h, e0, 2 * frames, cfg.num_heads, freqs, keys, values, None, None, None, None,
+                             apply_rope, attention)
+    head = model.head
+    h = h[:, frames * tokens:]
+    e = e.unflatten(0, (b, 2 * frames))[:, frames:]
+    mod = (head.modulation.to(h.dtype).unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
+    out = head.head(head.norm(h).unflatten(1, (frames, tokens)) * (1 + mod[1]) + mod[0])
+    return unpatchify(out, (frames, grid[1], grid[2]), cfg.patch_size, cfg.out_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+SENTENCES: list[str] = []
+
+
+def sentence_id(text: str) -> int:
+    if text not in SENTENCES:
+        SENTENCES.append(text)
+    return SENTENCES.index(text)
+
+
+class Pool:
+    """Random stories as drawing tables on the device, windows of them rendered per batch.
+
+    Per story frame: subjects to draw [S, 6], scene, prompt id, each subject's visible share and
+    whether its frame's prompt names it; ``start`` marks frames where a story (a new shot) begins.
+    """
+
+    def __init__(self, stories: int, frames: int, seed: int, device: torch.device):
+        rng = random.Random(seed)
+        tables, scenes, prompts, visible, named = [], [], [], [], []
+        self.length = frames + 4 * CHUNK * 3
+        for _ in range(stories):
+            story = tw.play(tw.random_script(rng, self.length))
+            table, scene = tw.draw_table(story)
+            n = self.length
+            tables.append(table[:n])
+            scenes.append(scene[:n])
+            ids, vis, nam = [], [], []
+            for t in story.truth[:n]:
+                s = story.sentences[t.segment]
+                ids.append(sentence_id(s.text))
+                vis.append([a.visible() for a in t.actors] + [0.0] * (tw.SUBJECT_SLOTS - len(t.actors)))
+                nam.append([s.kind in ("opening", "enter") and j == t.main for j in range(tw.SUBJECT_SLOTS)])
+            prompts.append(ids)
+            visible.append(vis)
+            named.append(nam)
+        self.tables = torch.stack(tables).to(device)  # [N, T, S, 6]
+        self.scenes = torch.stack(scenes).to(device)  # [N, T]
+        self.prompts = torch.tensor(prompts, device=device)  # [N, T]
+        self.visible = torch.tensor(visible, device=device)  # [N, T, S]
+        self.named = torch.tensor(named, device=device)  # [N, T, S]
+        self.frames = frames
+        self.device = device
+
+    def batch(self, size: int, latent_size: int, g: torch.Generator):
+        """(latents [B, 16, F, h, w], prompt ids per chunk [B, C], visible [B, F, S], named per chunk
+        [B, C, S], first chunk trainable [B]) for ``size`` random windows."""
+        n = self.tables.shape[0]
+        story = torch.randint(n, (size,), generator=g, device="cpu")
+        starts = torch.randint((self.length - self.frames) // CHUNK + 1, (size,), generator=g, device="cpu") * CHUNK
+        starts = torch.where(torch.rand(size, generator=g) < 0.4, torch.zeros_like(starts), starts)
+        frame = (starts.view(-1, 1) + torch.arange(self.frames)).to(self.device)
+        story = story.to(self.device).view(-1, 1).expand_as(frame)
+        table = self.tables[story, frame]  # [B, F, S, 6]
+        rgb = tw.render(table.flatten(0, 1), self.scenes[story, frame].flatten(), latent_size)
+        latents = tw.to_latents(rgb)[0].unflatten(1, (size, self.frames)).transpose(0, 1)  # [B, 16, F, h, w]
+        prompts = self.prompts[story, frame][:, ::CHUNK]
+        named = self.named[story, frame][:, ::CHUNK]
+        return latents, prompts, self.visible[story, frame], named, (starts == 0).to(self.device)
+
+
+def draw_context(rng: random.Random, chunks: int) -> tuple[str, list[list[int]]]:
+    """Which earlier frames each chunk attends to this step: all, or a sink plus the newest frames."""
+    if rng.random() < 0.5:
+        return "all", [list(range(c * CHUNK)) for c in range(chunks)]
+    sink, recent = rng.choice([1, 3]), rng.choice([2, 6, 9])
+    out = []
+    for c in range(chunks):
+        start = c * CHUNK
+        out.append(sorted(set(range(min(sink, start))) | set(range(max(0, start - recent), start))))
+    return f"sink{sink}+{recent}", out
+
+
+def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.Tensor,
+                  first_ok: torch.Tensor) -> torch.Tensor:
+    """[B, C] 1 where a chunk's picture is determined by its prompt and the frames it attends to."""
+    shown = visible >= 0.4  # [B, F, S]
+    weights = []
+    for c, ctx in enumerate(context):
+        own = shown[:, c * CHUNK:(c + 1) * CHUNK].any(dim=1)  # [B, S]
+        seen = shown[:, ctx].any(dim=1) if ctx else torch.zeros_like(own)
+        ok = (~own | seen | named[:, c]).all(dim=1)
+        if c == 0:
+            ok = ok & first_ok
+        weights.append(ok.float())
+    return torch.stack(weights, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    g = torch.Generator().manual_seed(args.seed)  # which windows
+    noise = torch.Generator(device=device).manual_seed(args.seed)  # noise levels and noise
+    cfg = model_config(args.layers, args.ffn)
+    sd = gf.random_state_dict(cfg, seed=args.seed)
+    sd["head.head.weight"].zero_()
+    sd["head.head.bias"].zero_()
+    model = gf.WanModel(cfg)
+    model.load_state_dict(sd)
+    model.to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    words = tw.Words(tw.word_table(cfg.text_dim))
+    began = time.perf_counter()
+    pool = Pool(args.stories, args.frames, args.seed, device)
+    data_seconds = time.perf_counter() - began
+    table = torch.zeros(len(SENTENCES), MAX_WORDS, cfg.text_dim)
+    for i, text in enumerate(SENTENCES):
+        e = words.embed(text)[0]
+        table[i, : e.shape[0]] = e
+    table = table.to(device)
+    schedule = Schedule.few_step()
+    sigmas, timesteps = schedule.sigmas.to(device), schedule.timesteps.to(device)
+    rope = RopeTable(cfg.head_dim)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    chunks = args.frames // CHUNK
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    flex = None
+    if args.attention == "flex" or (args.attention == "auto" and device.type == "cuda"):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+        flex_masks = FlexMasks(args.frames, (args.size // cfg.patch_size[1]) * (args.size // cfg.patch_size[2]), device)
+    budget = args.minutes * 60
+    curve, window, step = [], [], 0
+    start = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - start
+        if (args.steps and step >= args.steps) or (not args.steps and elapsed >= budget):
+            break
+        progress = step / args.steps if args.steps else elapsed / budget
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x0, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g)
+        kind, context = draw_context(rng, chunks)
+        weights = chunk_weights(context, visible, named, first_ok)  # [B, C]
+        batch = x0.shape[0]
+        level = torch.randint(len(schedule), (batch, chunks), generator=noise, device=device)
+        sigma = sigmas[level].repeat_interleave(CHUNK, dim=1).view(batch, 1, args.frames, 1, 1)
+        eps = torch.randn(x0.shape, generator=noise, device=device)
+        noisy = (1 - sigma) * x0 + sigma * eps
+        clean = x0 + args.context_noise * torch.randn(x0.shape, generator=noise, device=device)
+        opt.zero_grad(set_to_none=True)
+        try:
+            block_mask = flex_masks.get(kind, frame_mask(context, device)) if flex is not None else None
+            with autocast:
+                v = train_forward(model, clean, noisy, timesteps[level], table[prompt_ids], context, rope,
+                                  flex, block_mask)
+            err = (v.float() - (eps - x0)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+            err = err.unflatten(1, (chunks, CHUNK)).mean(2)  # [B, C]
+            loss = (err * weights).sum() / weights.sum().clamp_min(1)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            if step or args.batch < 2:
+                raise
+            args.batch //= 2  # the first step did not fit: halve the batch and go on
+            print(f"out of memory at the first step; batch {args.batch}", flush=True)
+            continue
+        except Exception as e:
+            if flex is None:
+                raise
+            flex = None  # FlexAttention failed here: SDPA with the token mask computes the same
+            print(f"FlexAttention failed ({type(e).__name__}: {str(e)[:200]}); using SDPA", flush=True)
+            continue
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        window.append(float(loss.detach()))
+        step += 1
+        if step % args.log_every == 0 or step == 1:
+            curve.append({"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": sum(window) / len(window),
+                          "lr": lr, "context": kind})
+            print(f"step {step:6d} {curve[-1]['seconds']:7.1f}s loss {curve[-1]['loss']:.5f} lr {lr:.2e}", flush=True)
+            window = []
+    seconds = time.perf_counter() - start
+    if window:
+        curve.append({"step": step, "seconds": round(seconds, 1), "loss": sum(window) / len(window), "lr": lr})
+    model.eval()
+    os.makedirs(args.out, exist_ok=True)
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.state_dict().items()}
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    save_file(state, os.path.join(args.out, tw.MODEL_FILE),
+              metadata={"toyworld": json.dumps({"config": cfg.__dict__, "train": settings}, default=str)})
+    words.save(os.path.join(args.out, tw.WORDS_FILE))
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "settings": settings,
+        "parameters": params,
+        "weights_bytes": os.path.getsize(os.path.join(args.out, tw.MODEL_FILE)),
+        "stories": args.stories,
+        "sentences": len(SENTENCES),
+        "data_seconds": round(data_seconds, 1),
+        "train_seconds": round(seconds, 1),
+        "steps": step,
+        "attention": "flex" if flex is not None else "sdpa",
+        "clips_seen": step * args.batch,
+        "final_loss": curve[-1]["loss"] if curve else None,
+        "loss_curve": curve,
+    }
+    with open(os.path.join(args.out, "train.json"), "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation through the public API
+
+EVAL_SCRIPTS = (
+    [("a big red circle moves right on the grass", 9), ("then it bounces", 12)],
+    [("a small blue triangle bounces on the snow", 12), ("then it moves left", 9)],
+    [("a big yellow square pulses on the night", 9), ("cut to the sand where it moves right", 12)],
+)
+POLICIES = ("grounded", "longlive", "self_forcing", "infinity_rope", "anchor_forcing", "context_forcing")
+
+
+def evaluate(folder: str, device: torch.device, size: int, seeds: int = 2) -> dict:
+    """Identity accuracy over the first 21 frames of a few scripts under every policy."""
+    model = tw.load_model(folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    words = tw.load_words(folder)
+    rows, pictures = {}, []
+    began = time.perf_counter()
+    for policy in POLICIES:
+        scores = []
+        for k, script in enumerate(EVAL_SCRIPTS):
+            story = tw.play(script)
+            for seed in range(seeds):
+                out = gf.generate(model, story.segments(words), policy, height=size * 8, width=size * 8, seed=seed)
+                m = tw.measure(story, out.latents[:, :, :21])
+                scores.append(m["identity_first"])
+                if seed == 0 and k == 0:
+                    pictures.append(tw.to_rgb(out.latents)[0, :21:2])
+        rows[policy] = {"identity_first21": [round(s, 4) for s in scores if s is not None],
+                        "mean": round(sum(s for s in scores if s is not None) / max(1, len(scores)), 4)}
+    truth = tw.to_rgb(tw.story_latents(tw.play(EVAL_SCRIPTS[0]), size))[0, :21:2]
+    grid = torch.cat([torch.cat(list(p), dim=2) for p in [truth, *pictures]], dim=1)  # [3, rows*h, cols*w]
+    write_png(grid.repeat_interleave(4, 1).repeat_interleave(4, 2), os.path.join(folder, "eval.png"))
+    result = {"policies": rows, "scripts": [list(map(list, s)) for s in EVAL_SCRIPTS], "seeds": seeds,
+              "seconds": round(time.perf_counter() - began, 1),
+              "picture": "eval.png: the truth, then " + ", ".join(POLICIES) + " (script 1, seed 0, every other frame)"}
+    with open(os.path.join(folder, "eval.json"), "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    return result
+
+
+def write_png(rgb: torch.Tensor, path: str) -> None:
+    """RGB [3, H, W] in [0, 1] as an 8-bit PNG (standard library only: the GPU host may lack Pillow)."""
+    import struct
+    import zlib
+
+    img = (rgb.permute(1, 2, 0).cpu().clamp(0, 1) * 255).round().byte().numpy()
+    raw = b"".join(b"\x00" + row.tobytes() for row in img)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 2, 0, 0, 0)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for everything this writes")
+    ap.add_argument("--minutes", type=float, default=7.0, help="training time budget (wall clock)")
+    ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--frames", type=int, default=21, help="latent frames per training window (multiple of 3)")
+    ap.add_argument("--size", type=int, default=tw.WORLD, help="latent pixels across (the world is 32)")
+    ap.add_argument("--stories", type=int, default=4000)
+    ap.add_argument("--context-noise", type=float, default=0.03, help="std of noise added to the clean context")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--attention", choices=("auto", "sdpa", "flex"), default="auto",
+                    help="self-attention kernel: flex (compiled FlexAttention, skips masked blocks), sdpa; "
+                         "auto: flex on a GPU, falling back to sdpa")
+    ap.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                    help="sample clips under every policy afterwards and report identity accuracy")
+    args = ap.parse_args(argv)
+    if args.frames % CHUNK or args.frames < CHUNK:
+        ap.error(f"--frames {args.frames} is not a positive multiple of {CHUNK}")
+    result = train(args)
+    summary = (f"trained {result['parameters'] / 1e6:.2f}M parameters for {result['steps']} steps "
+               f"({result['clips_seen']} clips) in {result['train_seconds']:.0f} s on {result['device']}; "
+               f"final loss {result['final_loss']:.4f}; weights {result['weights_bytes'] / 1e6:.1f} MB")
+    if args.eval:
+        ev = evaluate(args.out, torch.device(args.device), args.size)
+        summary += "\nidentity accuracy, first 21 frames: " + ", ".join(
+            f"{p} {r['mean']:.3f}" for p, r in ev["policies"].items())
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The toy world, its training forward and the shipped toy model."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_model
+
+import gf_core as gf
+from gf_core import toyworld as tw
+from gf_core.errors import BadInput
+from gf_core.latents import preview_rgb
+from gf_core.memory import ContextSource, Memory
+from gf_core.rope import RopeTable
+from gf_core.wan import encode_text, forward_chunk
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_toyworld", ROOT / "bench" / "train_toyworld.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = [("a big red circle moves right on the grass", 27), ("then it moves left", 21),
+          ("then a small blue square enters", 12), ("then it bounces", 12), ("cut to the snow where it pulses", 12)]
+
+
+# -- the world ---------------------------------------------------------------------------------
+
+
+def test_preview_shows_the_picture_and_truth_measures_perfect():
+    story = tw.play(SCRIPT)
+    latents = tw.story_latents(story)
+    assert latents.shape == (1, 16, len(story), 32, 32)
+    rgb = tw.to_rgb(latents)[0]
+    table, scenes = tw.draw_table(story)
+    assert torch.allclose(rgb, tw.render(table, scenes), atol=1e-5)  # the lift inverts the preview projection
+    preview = preview_rgb(latents)[0].permute(0, 3, 1, 2).float() / 255
+    assert (preview - rgb).abs().max() < 1 / 255 + 1e-6
+    m = tw.measure(story, latents)
+    assert m["identity"] == 1.0 and m["scene"] == 1.0 and m["recall"] == 1.0 and m["cut_identity"] == 1.0
+    assert m["collapse"] == [0.0] and m["drift"][0] < 0.01
+    assert m["flicker"] == pytest.approx(m["flicker_truth"], abs=1e-3)
+
+
+def test_story_follows_the_script():
+    story = tw.play(SCRIPT)
+    t = story.truth
+    assert story.starts == [0, 27, 48, 60, 72]
+    assert t[0].actors[0].x == tw.start_x("moves right") and t[26].actors[0].visible() == 0  # walked out
+    assert max(a.visible() for a in (t[f].actors[0] for f in range(27, 48))) == 1  # came back
+    assert len(t[60].actors) == 2 and t[60].main == 1  # the square entered and is "it"
+    assert t[65].actors[1].lift > 0 and t[65].actors[1].x == tw.ENTER_STOP  # bounces where it stopped
+    assert t[72].scene == "snow" and [str(a.subject) for a in t[72].actors] == ["small blue square"]
+    assert story.segments(tw.Words(tw.word_table()))[4].transition.kind == "cut"
+    assert tw.play(SCRIPT).truth[50].actors[1].x == t[50].actors[1].x  # deterministic
+
+
+def test_measures_see_a_wrong_subject_and_a_wrong_scene():
+    story = tw.play(SCRIPT)
+    other = tw.play([("a big yellow triangle moves right on the night", 27)] + SCRIPT[1:])
+    m = tw.measure(story, tw.story_latents(other))
+    assert m["identity_first"] == 0.0 and m["scene"] < 0.7
+
+
+def test_words_embed_like_umt5_output():
+    words = tw.Words(tw.word_table())
+    e = words.embed("a big red circle bounces on the grass")
+    assert e.shape == (1, 8, tw.TEXT_DIM) and e.abs().sum(-1).min() > 0
+    assert torch.equal(e[0, 2], words.table[tw.VOCABULARY.index("red")])
+
+
+def test_bad_prompts_say_what_works():
+    with pytest.raises(BadInput, match="does not know the word 'purple'.*magenta"):
+        tw.parse("a big purple circle bounces on the grass")
+    with pytest.raises(BadInput, match="cannot read.*then it ACTION"):
+        tw.parse("it bounces")
+    with pytest.raises(BadInput, match="does not say who is where"):
+        tw.play([("then it bounces", 9)])
+    with pytest.raises(BadInput, match="256x256 pixels only.*use width 256 and height 256"):
+        tw.check_size(480, 832)
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("context,kernel", [("all", "sdpa"), ("sink", "sdpa"), ("sink", "flex")])
+def test_training_forward_equals_cached_chunk_forward(context, kernel):
+    """The masked [clean | noisy] forward of chunk 2 is forward_chunk of chunk 2 after the cache holds
+    chunks 0-1 encoded at the cache-pass timestep (each chunk under its own prompt), float32."""
+    train = _train_module()
+    model = tiny_model()
+    cfg = gf.WanConfig.from_module(model)
+    g = torch.Generator().manual_seed(0)
+    size, frames = 4, 9
+    clean = torch.randn(1, 16, frames, size, size, generator=g)
+    noisy = torch.randn(1, 16, frames, size, size, generator=g)
+    timesteps = torch.tensor([[1000.0, 833.3333, 625.0]])
+    prompts = torch.cat([torch.randn(1, 3, 5, cfg.text_dim, generator=g), torch.zeros(1, 3, 2, cfg.text_dim)], dim=2)
+    ctx = [[], [0, 1, 2], [0, 1, 2, 3, 4, 5]] if context == "all" else [[], [0, 1, 2], [0, 4, 5]]
+    rope = RopeTable(cfg.head_dim)
+    flex = block_mask = None
+    if kernel == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = flex_attention
+        block_mask = train.FlexMasks(frames, 4, "cpu").get(context, train.frame_mask(ctx))
+    with torch.no_grad():
+        v_train = train.train_forward(model, clean, noisy, timesteps, prompts, ctx, rope, flex, block_mask)
+
+        mem = Memory(gf.self_forcing(), 3, cfg.num_layers)
+        grid = (size // 2, size // 2)
+        zero = torch.zeros(1)
+        for c in (0, 1):
+            text = encode_text(model, prompts[:, c])
+            plan = mem.plan(3 * c, 3)
+            source = mem.source(plan, rope, "float32", grid) if plan.keys else None
+            _, kv = forward_chunk(model, clean[:, :, 3 * c:3 * c + 3], zero, text, source, plan.query_index, rope,
+                                  "float32", capture_kv=True, compute_output=False)
+            mem.commit(3 * c, clean[:, :, 3 * c:3 * c + 3], kv, c)
+        slots = {f.index: f.slot for _, f in mem.frames()}
+        keys = ctx[2]
+        source = ContextSource(mem.store, [slots[f] for f in keys], rope.frequencies(keys, *grid, "float32"))
+        v_chunk, _ = forward_chunk(model, noisy[:, :, 6:9], timesteps[:, 2], encode_text(model, prompts[:, 2]),
+                                   source, [6, 7, 8], rope, "float32")
+    assert (v_train[:, :, 6:9] - v_chunk).abs().max() < 1e-5
+    if context == "sink":  # the mask matters: with every frame the answer differs
+        with torch.no_grad():
+            v_all = train.train_forward(model, clean, noisy, timesteps, prompts, [[], [0, 1, 2], list(range(6))], rope)
+        assert (v_all[:, :, 6:9] - v_chunk).abs().max() > 1e-3
+
+
+def test_chunk_weights_need_what_the_chunk_shows_to_be_known():
+    train = _train_module()
+    visible = torch.zeros(1, 9, 2)
+    visible[0, :3, 0] = 1  # subject 0 visible in chunk 0 only
+    visible[0, 6:, 0] = 1  # and again in chunk 2
+    named = torch.zeros(1, 3, 2, dtype=torch.bool)
+    first = torch.tensor([True])
+    w = train.chunk_weights([[], [0, 1, 2], [3, 4, 5]], visible, named, first)
+    assert w.tolist() == [[0.0, 1.0, 0.0]]  # chunk 0: nobody names it; chunk 2 sees only empty frames
+    named[0, 0, 0] = True
+    assert train.chunk_weights([[], [0, 1, 2], [0, 4, 5]], visible, named, first).tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_training_script_runs_and_its_weights_load(tmp_path):
+    train = _train_module()
+    train.main(["--device", "cpu", "--steps", "2", "--batch", "2", "--size", "8", "--frames", "6", "--layers", "1",
+                "--ffn", "256", "--stories", "4", "--out", str(tmp_path), "--no-eval"])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["toyworld.safetensors", "toyworld_words.safetensors", "train.json"]
+    model = tw.load_model(tmp_path)
+    assert gf.WanConfig.from_module(model).num_layers == 1
+    words = tw.load_words(tmp_path)
+    assert torch.equal(words.table, tw.word_table())
+    story = tw.play([("a big red circle bounces on the grass", 6)])
+    out = gf.generate(model, story.segments(words), "grounded", height=64, width=64)
+    assert out.latents.shape == (1, 16, 6, 8, 8)
+
+
+def test_random_scripts_play():
+    rng = random.Random(0)
+    kinds = set()
+    for _ in range(50):
+        story = tw.play(tw.random_script(rng, 60))
+        kinds |= {s.kind for s in story.sentences}
+        assert len(story) >= 60
+    assert kinds == {"opening", "switch", "cut", "enter"}
