@@ -30,7 +30,7 @@ class GFPromptSegment(io.ComfyNode):
                                               "(first 512 rows are used)."),
                 io.Float.Input("duration", default=5.0, min=0.25, max=float(prompts.MAX_VIDEO_FRAMES), step=0.25,
                                tooltip="How long this prompt runs, in the unit below (a whole video lasts at "
-                                       "most one hour)."),
+                                       f"most {prompts.MAX_VIDEO_SECONDS} s)."),
                 io.Combo.Input("unit", options=list(prompts.UNITS), default="seconds",
                                tooltip="seconds (16 fps; 1 s = 4 latent frames, at least 3 latent frames) or "
                                        "latent frames (a whole number, at least 3)."),

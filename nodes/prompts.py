@@ -6,8 +6,8 @@ length in latent frames, transition), never mutated once made, so ComfyUI may ca
 Units: Wan makes 16 pixel frames per second and 4 pixel frames per latent frame, so one second
 is 4 latent frames. A segment is at least one chunk of 3 latent frames (0.75 s).
 
-Limits, checked before anything is encoded: a video (all segments together) lasts at most one
-hour (``MAX_VIDEO_SECONDS``, 14,400 latent frames), a timeline holds at most ``MAX_SEGMENTS``
+Limits, checked before anything is encoded: a video (all segments together) lasts at most
+``MAX_VIDEO_SECONDS`` (``MAX_VIDEO_FRAMES`` latent frames), a timeline holds at most ``MAX_SEGMENTS``
 segments (each keeps its prompt embedding in memory), and a script, a line's words before the
 ``|`` and a prompt have the character limits below, so that parsing stays fast on any text.
 
@@ -53,6 +53,7 @@ TEXT_ROWS = 512  # umT5 rows the Wan models were trained with
 
 MAX_VIDEO_SECONDS = 3600  # the longest video the pack makes: one hour
 MAX_VIDEO_FRAMES = MAX_VIDEO_SECONDS * LATENT_FRAMES_PER_SECOND
+LONGEST_VIDEO = f"the longest video the pack makes ({MAX_VIDEO_SECONDS} s = {MAX_VIDEO_FRAMES} latent frames)"
 MAX_SEGMENTS = 1000
 MAX_D_WINDOW = 1024  # latent frames; a wider APR window blends like this one over any cache
 MAX_SCRIPT_CHARS = 2_000_000
@@ -94,10 +95,7 @@ def latent_frames(duration: float, unit: str) -> int:
     if math.isnan(duration):
         raise BadInput(f"duration NaN{short} is not a number; give e.g. {5 if unit == 'seconds' else 20}")
     if duration > longest:
-        raise BadInput(
-            f"duration {_number(duration)}{short} is longer than the longest video the pack makes "
-            f"({longest}{short}, one hour); use at most {longest}"
-        )
+        raise BadInput(f"duration {_number(duration)}{short} is longer than {LONGEST_VIDEO}; use at most {longest}")
     if unit == "seconds":
         if duration <= 0:
             raise BadInput(f"duration {_number(duration)} s is not a positive number of seconds; use e.g. 5")
@@ -207,7 +205,7 @@ def add_segment(
     if total > MAX_VIDEO_FRAMES:
         raise BadInput(
             f"the segments add up to {total} latent frames ({total / LATENT_FRAMES_PER_SECOND:g} s), longer than "
-            f"the longest video the pack makes ({MAX_VIDEO_SECONDS} s, one hour); shorten the segments"
+            f"{LONGEST_VIDEO}; shorten the segments"
         )
     return previous + (Segment(embedding, frames, transition or Transition()),)
 
@@ -286,8 +284,8 @@ def _parse_duration(word: str, line: int) -> int | None:
     value = float(match["value"])  # hundreds of digits give inf, never an error
     if value > (MAX_VIDEO_SECONDS if unit == "seconds" else MAX_VIDEO_FRAMES):
         raise BadInput(
-            f"line {line}: duration {quote(word)} is longer than the longest video the pack makes "
-            f"({MAX_VIDEO_SECONDS}s = {MAX_VIDEO_FRAMES}f, one hour); use at most {MAX_VIDEO_SECONDS}s"
+            f"line {line}: duration {quote(word)} is longer than {LONGEST_VIDEO}; "
+            f"use at most {MAX_VIDEO_SECONDS}s or {MAX_VIDEO_FRAMES}f"
         )
     try:
         return latent_frames(value, unit)
@@ -360,7 +358,7 @@ def parse_script(script: str) -> list[ScriptLine]:
         if frames_so_far > MAX_VIDEO_FRAMES:
             raise BadInput(
                 f"line {number}: the timeline reaches {frames_so_far / LATENT_FRAMES_PER_SECOND:g} s here, longer than "
-                f"the longest video the pack makes ({MAX_VIDEO_SECONDS} s, one hour); shorten the segments"
+                f"{LONGEST_VIDEO}; shorten the segments"
             )
         parsed.append(ScriptLine(number, frames, transition, prompt))
     if not parsed:
