@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..gf_core.checkpoints import load_lora, load_wan_state_dict, merge_lora
+from ..gf_core.checkpoints import check_strength, load_lora, load_wan_state_dict, merge_lora
+from ..gf_core.errors import BadInput
 
 WEIGHTS = ("ema", "generator")
 NO_LORA = "none"
@@ -22,7 +23,7 @@ def model_options(weight_dtype: str) -> dict:
     """``model_options`` for ``comfy.sd.load_diffusion_model_state_dict``."""
     choices = weight_dtypes()
     if weight_dtype not in choices:
-        raise ValueError(f"unknown weight dtype '{weight_dtype}'; use one of {', '.join(choices)}")
+        raise BadInput(f"unknown weight dtype {str(weight_dtype)[:40]!r}; use one of {', '.join(choices)}")
     dtype = choices[weight_dtype]
     return {} if dtype is None else {"dtype": dtype}
 
@@ -32,11 +33,13 @@ def read_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Bare Wan keys from any supported checkpoint, with a LoRA merged in (float32 merge).
 
-    Raises ``gf_core.checkpoints.CheckpointError`` (one sentence) for files that cannot be used.
+    Raises ``gf_core.checkpoints.CheckpointError`` (one sentence) for files that cannot be used;
+    the options are checked before any file is read.
     """
     if weights not in WEIGHTS:
-        raise ValueError(f"unknown weights '{weights}'; use 'ema' or 'generator'")
+        raise BadInput(f"unknown weights {str(weights)[:40]!r}; use 'ema' or 'generator'")
+    check_strength(lora_strength)
+    # The LoRA is small: read and check it before the base model's gigabytes.
+    lora = load_lora(lora_path) if lora_path is not None and lora_strength != 0.0 else None
     sd = load_wan_state_dict(model_path, prefer=weights)
-    if lora_path is not None and lora_strength != 0.0:
-        sd = merge_lora(sd, load_lora(lora_path), strength=lora_strength)
-    return sd
+    return sd if lora is None else merge_lora(sd, lora, strength=lora_strength)

@@ -9,6 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..gf_core.checkpoints import CheckpointError, describe
+from ..gf_core.errors import BadInput
 from . import loading
 from .policy import ROPE_LAYOUTS, ROPE_MODES, ROPE_PRECISIONS, RopeOptions, with_rope
 from .sockets import CATEGORY
@@ -33,7 +34,8 @@ class GFLoadCausalWanModel(io.ComfyNode):
                 io.Combo.Input("lora_name", options=[loading.NO_LORA] + folder_paths.get_filename_list("loras"),
                                default=loading.NO_LORA,
                                tooltip="An optional LoRA from models/loras merged into the weights (LongLive's "
-                                       "lora.pt, Anchor Forcing's LoRA; PEFT or kohya names)."),
+                                       "lora.pt, Anchor Forcing's LoRA, musubi-tuner / kohya Wan LoRAs; PEFT, "
+                                       "kohya or diffusers names)."),
                 io.Float.Input("lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05,
                                tooltip="Scale of the LoRA update (1 = as trained)."),
                 io.Combo.Input("weight_dtype", options=list(loading.weight_dtypes()), default="bf16",
@@ -60,7 +62,7 @@ class GFLoadCausalWanModel(io.ComfyNode):
                      f" + {lora_name} x {lora_strength}" if lora_path else "")
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
         if model is None:
-            raise RuntimeError(f"ComfyUI did not recognise {model_name} as a Wan2.1 model; update ComfyUI")
+            raise BadInput(f"ComfyUI did not recognise {model_name} as a Wan2.1 model; update ComfyUI")
         return io.NodeOutput(model)
 
 

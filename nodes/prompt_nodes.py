@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..gf_core.errors import BadInput
 from . import prompts
 from .sockets import CATEGORY, Segments, Transition
 
@@ -27,8 +28,9 @@ class GFPromptSegment(io.ComfyNode):
                 io.Conditioning.Input("conditioning",
                                       tooltip="The prompt, from CLIP Text Encode with the Wan umT5 text encoder "
                                               "(first 512 rows are used)."),
-                io.Float.Input("duration", default=5.0, min=0.25, max=3600.0, step=0.25,
-                               tooltip="How long this prompt runs, in the unit below."),
+                io.Float.Input("duration", default=5.0, min=0.25, max=float(prompts.MAX_VIDEO_FRAMES), step=0.25,
+                               tooltip="How long this prompt runs, in the unit below (a whole video lasts at "
+                                       f"most {prompts.MAX_VIDEO_SECONDS} s)."),
                 io.Combo.Input("unit", options=list(prompts.UNITS), default="seconds",
                                tooltip="seconds (16 fps; 1 s = 4 latent frames, at least 3 latent frames) or "
                                        "latent frames (a whole number, at least 3)."),
@@ -63,9 +65,10 @@ class GFAPRTransition(io.ComfyNode):
                                        "prompt (fast change). none: keep the cache (slow drift)."),
                 io.Float.Input("alpha_max", default=0.8, min=0.0, max=1.0, step=0.05,
                                tooltip="apr: the largest blend weight, given to the frames nearest the switch."),
-                io.Float.Input("d_window", default=0.0, min=0.0, max=1024.0, step=1.0,
+                io.Float.Input("d_window", default=0.0, min=0.0, max=float(prompts.MAX_D_WINDOW), step=1.0,
                                tooltip="apr: frames at least this many latent frames before the switch keep their "
-                                       "cache; 0 = the memory's LTM size."),
+                                       "cache; 0 = the memory's LTM size (as WINDOW 0 in a timeline's apr(ALPHA, "
+                                       "WINDOW))."),
             ],
             outputs=[Transition.Output(display_name="transition")],
         )
@@ -115,6 +118,6 @@ class GFPromptTimeline(io.ComfyNode):
     @classmethod
     def execute(cls, clip, script: str) -> io.NodeOutput:
         if clip is None:
-            raise RuntimeError("the clip input is empty; connect a CLIP Loader with type 'wan' (umT5-XXL)")
+            raise BadInput("the clip input is empty; connect a CLIP Loader with type 'wan' (umT5-XXL)")
         segments = prompts.timeline(script, lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text)))
         return io.NodeOutput(segments)

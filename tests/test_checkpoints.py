@@ -17,6 +17,7 @@ from gf_core.checkpoints import (
     describe,
     load_lora,
     load_wan_state_dict,
+    lora_module,
     merge_lora,
     normalize_key,
     normalize_keys,
@@ -323,6 +324,66 @@ def test_kohya_lora_with_alpha(tmp_path: Path, base: dict) -> None:
     w = base["blocks.1.ffn.0.weight"]
     torch.testing.assert_close(merge_lora(base, lora)["blocks.1.ffn.0.weight"], w + 0.5 * (b @ a))
     torch.testing.assert_close(merge_lora(base, lora, alpha=RANK)["blocks.1.ffn.0.weight"], w + b @ a)
+
+
+def musubi_lora(prefix: str = "lora_unet_", alpha: float = RANK / 2, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A Wan LoRA as musubi-tuner (and kohya's sd-scripts) save it for ComfyUI: the module name with
+    dots as underscores after ``lora_unet_``, ``lora_down`` [r, in] / ``lora_up`` [out, r] and a
+    0-d ``alpha`` for every Linear of every block, all in the save dtype."""
+    out = {}
+    for k, v in peft_lora().items():
+        module, kind = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", k).groups()
+        name = prefix + module.replace(".", "_")  # blocks_0_self_attn_q, blocks_1_ffn_2
+        out[f"{name}.lora_{'down' if kind == 'A' else 'up'}.weight"] = v.to(dtype)
+        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["lora_unet_", "lora_unet__"], ids=["musubi", "wan-fun"])
+def test_musubi_kohya_wan_lora_merges_like_core(tmp_path: Path, base: dict, prefix: str) -> None:
+    raw = musubi_lora(prefix)
+    assert f"{prefix}blocks_0_self_attn_q.lora_down.weight" in raw and f"{prefix}blocks_1_ffn_2.alpha" in raw
+    path = tmp_path / "wan_style_musubi.safetensors"
+    save_file(raw, str(path))
+
+    lora = load_lora(path)
+    assert sorted(lora) == sorted(LORA_MODULES)
+    strength = 0.7
+    merged = merge_lora(base, lora, strength=strength)
+    for module in LORA_MODULES:
+        name = prefix + module.replace(".", "_")
+        down = raw[f"{name}.lora_down.weight"].float()
+        up = raw[f"{name}.lora_up.weight"].float()
+        alpha = float(raw[f"{name}.alpha"])
+        expected = base[f"{module}.weight"] + strength * alpha / RANK * (up @ down)
+        torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=0, atol=1e-6)
+    assert_loads(merged)
+
+
+def test_diffusers_wan_lora_names(base: dict) -> None:
+    diffusers_names = {"self_attn.q": "attn1.to_q", "self_attn.o": "attn1.to_out.0", "cross_attn.v": "attn2.to_v",
+                       "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+    raw = {}
+    for k, v in peft_lora().items():
+        for wan, diffusers in diffusers_names.items():
+            k = k.replace(f".{wan}.", f".{diffusers}.")
+        raw[k.replace("base_model.model.", "transformer.")] = v
+    assert "transformer.blocks.0.attn1.to_out.0.lora_A.weight" in raw
+    lora = load_lora(raw)
+    assert sorted(lora) == sorted(LORA_MODULES)
+    a, b, _ = lora["blocks.1.ffn.0"]
+    assert torch.equal(a, raw["transformer.blocks.1.ffn.net.0.proj.lora_A.weight"])
+    torch.testing.assert_close(merge_lora(base, lora)["blocks.1.ffn.0.weight"], base["blocks.1.ffn.0.weight"] + b @ a)
+
+
+def test_lora_module_names() -> None:
+    assert lora_module("lora_unet_blocks_12_cross_attn_k_img") == "blocks.12.cross_attn.k_img"
+    assert lora_module("lora_unet_text_embedding_0") == "text_embedding.0"
+    assert lora_module("lora_unet_time_projection_1") == "time_projection.1"
+    assert lora_module("lora_unet_head_head") == "head.head"
+    assert lora_module("transformer.condition_embedder.time_embedder.linear_2") == "time_embedding.2"
+    assert lora_module("transformer.proj_out") == "head.head"
+    assert lora_module("blocks.3.self_attn.v") == "blocks.3.self_attn.v"
 
 
 # ---------------------------------------------------------------------------------------------
