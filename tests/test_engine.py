@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -486,3 +488,33 @@ def test_split_attention_equals_one_call():
     torch.testing.assert_close(split(q, k, v), one, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="splitN"):
         attention_backend("split")
+
+
+# ---------------------------------------------------------------------------------------------
+# the event log's format: the same JSON as the stored log (tests/data/event_log_expected.json)
+
+
+def _event_log_cases() -> dict[str, tuple[list[gf.Segment], object]]:
+    def three(a, b, c, t1, t2):
+        return [gf.Segment(prompt(0), a), gf.Segment(prompt(1), b, gf.Transition(t1)),
+                gf.Segment(prompt(2), c, gf.Transition(t2))]
+
+    return {
+        "grounded": (three(12, 9, 12, "apr", "cut"), "grounded"),
+        "grounded_every_frame_hard": (three(12, 9, 9, "hard", "flush"), gf.grounded(candidates="every_frame")),
+        "longlive": (three(18, 15, 9, "default", "default"), "longlive"),
+        "infinity_rope": (three(12, 9, 12, "default", "cut"), "infinity_rope"),
+        "context_forcing": (three(36, 12, 12, "default", "cut"), "context_forcing"),
+        "anchor_forcing": (three(15, 15, 15, "default", "default"), "anchor_forcing"),
+    }
+
+
+def test_event_log_is_the_stored_json(model):
+    """Every event of six runs (each policy, every switch kind) serialises to the stored JSON line
+    for line, key order included; only the timing ``seconds`` is left out."""
+    stored = json.loads((Path(__file__).parent / "data" / "event_log_expected.json").read_text())
+    for name, (segments, policy) in _event_log_cases().items():
+        events = gf.generate(model, segments, policy, seed=1, **RUN).events
+        assert all(isinstance(e["seconds"], float) for e in events)
+        lines = [json.dumps({k: v for k, v in e.items() if k != "seconds"}) for e in events]
+        assert lines == stored[name], name
