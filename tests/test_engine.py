@@ -17,6 +17,8 @@ from helpers import (
     LATENT,
     RUN,
     ForwardCounter,
+    capture_kv,
+    commit,
     initial_noise,
     prompt,
     stream_memory,
@@ -125,8 +127,8 @@ def test_chunked_cache_equals_block_causal_full_forward(model):
             assert plan.key_index == list(range(start)) and plan.query_index == list(range(start, start + chunk))
             source = mem.source(plan, rope, "complex128", GRID) if plan.keys else None
             query = torch.tensor(plan.query_index)
-            out, kv = forward_chunk(model, xc, timestep, text, source, query, rope, "complex128", capture_kv=True)
-            mem.commit(start, xc, kv, 0)
+            out, kv = capture_kv(model, xc, timestep, text, source, query, rope, "complex128")
+            commit(mem, start, xc, kv)
             outs.append(out)
         chunked = torch.cat(outs, dim=2)
         reference = _reference_forward(model, x, t, embeds, chunk)
@@ -135,7 +137,7 @@ def test_chunked_cache_equals_block_causal_full_forward(model):
     torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=1e-5)
     # the later chunks really depend on the cache: without it they differ
     with torch.inference_mode():
-        alone, _ = forward_chunk(model, x[:, :, 6:9], timestep, text, None, torch.arange(6, 9), rope, "complex128")
+        alone = forward_chunk(model, x[:, :, 6:9], timestep, text, None, torch.arange(6, 9), rope, "complex128")
     assert (alone - reference[:, :, 6:9]).abs().max() > 1e-3
 
 
@@ -150,12 +152,12 @@ def test_cache_holds_clean_kv_of_the_context_pass(model):
     with torch.inference_mode():
         text = encode_text(model, segs[0].prompt, CFG.text_len)
         zero = torch.zeros(1)
-        _, kv0 = forward_chunk(model, chunks[0].latents, zero, text, None, torch.arange(3), rope, "float32",
-                               capture_kv=True, compute_output=False)
+        _, kv0 = capture_kv(model, chunks[0].latents, zero, text, None, torch.arange(3), rope, "float32",
+                            compute_output=False)
         sink = [f.slot for f in mem.regions["sink"]]
         context = ContextSource(mem.store, sink, rope.frequencies(torch.arange(3), *GRID, "float32"))
-        _, kv1 = forward_chunk(model, chunks[1].latents, zero, text, context, torch.arange(3, 6), rope, "float32",
-                               capture_kv=True, compute_output=False)
+        _, kv1 = capture_kv(model, chunks[1].latents, zero, text, context, torch.arange(3, 6), rope, "float32",
+                            compute_output=False)
     local = [f.slot for f in mem.regions["local"]]
     for slots, kv in ((sink, kv0), (local, kv1)):
         torch.testing.assert_close(mem.store.keys[:, :, slots], torch.stack(kv.keys).unflatten(2, (3, -1)))
@@ -306,7 +308,7 @@ def test_reference_noise_order_by_hand(model):
         x = initial[:, 0:chunk].permute(0, 2, 1, 3, 4)
         for i in range(len(schedule)):
             t = schedule.timesteps[i].expand(batch)
-            velocity, _ = forward_chunk(model, x, t, text, None, torch.arange(chunk), rope, "float32")
+            velocity = forward_chunk(model, x, t, text, None, torch.arange(chunk), rope, "float32")
             x0 = to_x0(x, velocity, schedule.sigmas[i])
             if i + 1 < len(schedule):
                 eps = torch.randn(batch * chunk, 16, LATENT, LATENT, generator=g)
@@ -342,7 +344,9 @@ def test_given_initial_noise_with_same_seed_reproduces_seeded_run(model):
         (lambda: [gf.Segment(prompt(0), 6)], "longlive", {**RUN, "rope_kind": "fp16"}, "unknown RoPE precision"),
         (lambda: [gf.Segment(prompt(0), 6)], "longlive", {**RUN, "noise": torch.zeros(1, 5, 16, 4, 4)}, "noise of shape"),
         (lambda: [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("default"))],
-         dataclasses.replace(gf.longlive(), name="custom"), RUN, "LongLive recache needs"),
+         dataclasses.replace(gf.longlive(), recache=None), RUN, "'longlive' switch rule re-runs a window"),
+        (lambda: [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("default"))],
+         dataclasses.replace(gf.longlive(), name="custom"), RUN, None),  # a renamed preset runs as the preset
         (lambda: [gf.Segment(prompt(0), 6, gf.Transition("hard")), gf.Segment(prompt(1), 6, gf.Transition("default"))],
          "self_forcing", RUN, None),
         (lambda: [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("default"))],
@@ -473,7 +477,8 @@ def test_an_error_mid_run_hands_out_the_finished_chunks_first(model, monkeypatch
 
 
 def test_split_attention_equals_one_call():
-    from gf_core.wan import attention_backend, sdpa_attention, split_attention
+    from gf_core.kernels import attention_backend, split_attention
+    from gf_core.wan import sdpa_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 12, 2, 32, generator=g)
