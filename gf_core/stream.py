@@ -245,8 +245,7 @@ class Session:
         previous step's segment object, its transition is applied first."""
         if self.pending:
             raise RuntimeError("chunks submitted earlier are still queued; take them with flush() first")
-        self.submit(segment)
-        return self.flush()[-1]
+        return [*self.submit(segment), *self.flush()][-1]
 
     def submit(self, segment: Segment) -> list[ChunkResult]:
         """Queue the next chunk under ``segment``; returns the chunks final by now (with overlap the

@@ -523,3 +523,48 @@ def test_event_log_is_the_stored_json(model):
         assert all(isinstance(e["seconds"], float) for e in events)
         lines = [json.dumps({k: v for k, v in e.items() if k != "seconds"}) for e in events]
         assert lines == stored[name], name
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-chunk session (live steering builds on it)
+
+
+@pytest.mark.parametrize("policy", ["grounded", "longlive", "anchor_forcing"])
+def test_a_session_stepped_segment_by_segment_equals_generate(model, policy):
+    """With the chunk draw order a session needs no total length, and stepping it chunk by chunk
+    under each segment in turn replays ``generate`` bit for bit, events included."""
+    segments = [gf.Segment(prompt(0), 9), gf.Segment(prompt(1), 6, gf.Transition("apr")),
+                gf.Segment(prompt(2), 6, gf.Transition("cut")), gf.Segment(prompt(3), 6)]
+    whole = gf.generate(model, segments, policy, seed=4, noise_order="chunk", **RUN)
+    session = gf.Session(model, policy, gf.RunConfig(seed=4, noise_order="chunk", **RUN))
+    chunks = []
+    for segment in segments:
+        for _ in range(segment.frames // 3):
+            chunks.append(session.step(segment))
+    session.close()
+    assert session.frames == 27 and [c.index for c in chunks] == list(range(9))
+    assert torch.equal(torch.cat([c.latents for c in chunks], dim=2), whole.latents)
+    assert [{**c.event, "seconds": 0} for c in chunks] == [{**e, "seconds": 0} for e in whole.events]
+    with pytest.raises(RuntimeError, match="closed"):
+        session.step(segments[-1])
+
+
+def test_a_session_applies_a_transition_only_for_a_new_segment_object(model):
+    a, b = gf.Segment(prompt(0), 3), gf.Segment(prompt(1), 3, gf.Transition("hard"))
+    session = gf.Session(model, "grounded", noise_order="chunk", **RUN)
+    events = [session.step(s).event for s in (a, a, b, b)]
+    assert [e["segment"] for e in events] == [0, 0, 1, 1]
+    assert [e["switch"] and e["switch"]["kind"] for e in events] == [None, None, "hard", None]
+
+
+def test_a_session_without_a_plan_needs_the_chunk_draw_order(model):
+    counter = ForwardCounter(model)
+    try:
+        with pytest.raises(gf.BadInput, match="'reference' noise order draws the whole video's noise first"):
+            gf.Session(model, "grounded", **RUN)
+        session = gf.Session(model, "longlive", noise_order="chunk", **RUN)
+        with pytest.raises(gf.BadInput, match="segment 1: prompt embedding of shape"):
+            session.step(gf.Segment(torch.zeros(1, 8, CFG.text_dim + 1), 3))
+    finally:
+        counter.close()
+    assert counter.calls == 0

@@ -365,6 +365,66 @@ def test_interrupted_run_keeps_the_finished_chunks(tiny_model, tmp_path):
     assert [e["chunk"] for e in events] == [0, 1]
 
 
+@pytest.mark.parametrize("stop_in", ["between_chunks", "on_chunk"])
+def test_a_cancel_with_overlap_keeps_every_finished_chunk(tiny_model, tmp_path, stop_in):
+    """Handed out one chunk late (overlap, as on a GPU), a stop from either callback still keeps the
+    chunk the GPU finished meanwhile: every chunk made is saved."""
+    import dataclasses
+
+    class Stop(Exception):
+        pass
+
+    made, seen = [], []
+    hook = tiny_model.head.head.register_forward_hook(lambda *_: made.append(1))  # once per denoising step
+
+    def stop_at_second(*_):
+        seen.append(1)
+        if len(seen) == 2:
+            raise Stop
+
+    saved = {}
+
+    def keep(latents, events):
+        saved["latents"], saved["events"] = latents, events
+        return sampling.write_partial(str(tmp_path), latents, events)
+
+    config = dataclasses.replace(sampling.run_config(32, 32, 0, 1), overlap=True)
+    callbacks = {"between_chunks": stop_at_second} if stop_in == "between_chunks" else {"on_chunk": stop_at_second}
+    try:
+        with pytest.raises(Stop):
+            sampling.sample(tiny_model, story(), gf.grounded(), config, keep_partial=keep, **callbacks)
+    finally:
+        hook.remove()
+    chunks_made = len(made) // 4
+    assert chunks_made == 3 and saved["latents"].shape[2] == 3 * chunks_made
+    assert [e["chunk"] for e in saved["events"]] == [0, 1, 2]
+
+
+def test_partial_files_never_overwrite_each_other(tmp_path):
+    latents = torch.zeros(1, 16, 3, 4, 4)
+    paths = {sampling.write_partial(str(tmp_path), latents + i, [{"chunk": i}]) for i in range(3)}
+    assert len(paths) == 3 and len(list(tmp_path.iterdir())) == 3  # the same second, three files
+    with safe_open(sorted(paths)[-1], "pt") as f:
+        assert f.get_tensor("latent_tensor").shape == (1, 16, 3, 4, 4)
+
+
+def test_a_failure_while_saving_is_reported_with_the_original_cause(tiny_model, caplog):
+    class Stop(Exception):
+        pass
+
+    def between():
+        raise Stop("cancelled")
+
+    def full_disk(latents, events):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(Stop) as info, caplog.at_level("ERROR"):
+        sampling.sample(tiny_model, story(), gf.grounded(), sampling.run_config(32, 32, 0, 1),
+                        between_chunks=between, keep_partial=full_disk)
+    assert any("saving the 3 finished latent frames failed too: OSError" in n for n in info.value.__notes__)
+    assert "No space left on device" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # Workflows (structure; the ComfyUI host tests convert and validate them)
 
