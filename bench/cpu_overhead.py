@@ -30,10 +30,11 @@ def measure(policy: str, chunks: int, switch_every: int, fused: bool = False) ->
     frames = 3 * switch_every
     segments = [gf.Segment(prompts[i % 2], frames, gf.Transition("default")) for i in range(chunks // switch_every)]
     if fused:  # compile every shape of the run first
-        list(gf.stream(model, segments[:2], policy, height=32, width=32, seed=0, fused=True))
+        list(gf.stream(model, segments[:2], policy, height=32, width=32, seed=0, kernels="fused"))
     times, switches = [], []
     last = time.perf_counter()
-    for chunk in gf.stream(model, segments, policy, height=32, width=32, seed=0, fused=fused):
+    for chunk in gf.stream(model, segments, policy, height=32, width=32, seed=0,
+                           kernels="fused" if fused else "eager"):
         now = time.perf_counter()
         (switches if chunk.event["switch"] else times).append(now - last)
         last = now

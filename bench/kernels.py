@@ -4,19 +4,14 @@ Prints, in one run, milliseconds and TFLOP/s of:
 - self-attention at the engine's shapes (a steady chunk: 4,680 queries x 18,720 keys; an APR
   recache: 14,040 x 14,040; a first chunk: 4,680 x 4,680), as one cuDNN call and split over the
   keys into S parts that run as one batched cuDNN call and are merged by their log-sum-exp
-  (``gf_core.wan.split_attention``), with the error of the split against the single call;
+  (``gf_core.kernels.split_attention``), with the error of the split against the single call;
 - cross-attention of a chunk to a prompt of 24 and 104 tokens: over all 512 rows, and with the
   zero padding folded (``gf_core.wan.biased_attention``: 64 or 128 rows kept), with its error;
 - the block's products at 4,680 and 14,040 tokens: q, k, v as three products and as one;
 - float8 (e4m3, row-wise scales) products of the same shapes, with and without quantizing the
-  activations, and their error against bf16;
-- a steady chunk's keys rotated and concatenated after its context's (9 stored frames and its 3):
-  as Inductor compiles the PyTorch expression with per-token tables, and as the Triton kernel
-  ``gf_core.rope_kernel.rotate_cat`` (alone and inside a compiled graph), with a plain
-  concatenation for the bandwidth; and the split attention with the query repeated as a view
-  (no copy) instead of a copy.
+  activations, and their error against bf16.
 
-    python bench/kernels.py --out docs/results/kernels_h200.json [--only attention,cross,products,rotate]
+    python bench/kernels.py --out docs/results/kernels_h200.json [--only attention,cross,products]
 """
 
 from __future__ import annotations
@@ -37,16 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_chunk import bench  # noqa: E402
 from report import run_header, write_json  # noqa: E402
 
-from gf_core import rope_kernel  # noqa: E402
-from gf_core.rope import RopeTable, real_freqs, rotate_real  # noqa: E402
-from gf_core.wan import (  # noqa: E402
-    attention_with_lse,
-    biased_attention,
-    fold_bias,
-    folded_rows,
-    sdpa_attention,
-    split_attention,
-)
+from gf_core.kernels import split_attention  # noqa: E402
+from gf_core.wan import biased_attention, fold_bias, folded_rows, sdpa_attention  # noqa: E402
 
 HEADS, HEAD_DIM, DIM, FFN = 12, 128, 1536, 8960
 
@@ -173,75 +160,6 @@ def fp8_rows(tokens: int, name: str, a: torch.Tensor, wt: torch.Tensor, ref: tor
         return [{"tokens": tokens, "op": f"{name} fp8", "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}]
 
 
-def bench_calls(fn, calls: int = 50) -> float:
-    """Milliseconds per call of ``fn`` queued ``calls`` times back to back (calls this short would
-    otherwise be timed by the host's launch speed)."""
-    return bench(lambda: [fn() for _ in range(calls)]) / calls
-
-
-def rotate_rows(slots: int = 9, frames: int = 3, grid: tuple[int, int] = (30, 52)) -> list[dict]:
-    """A steady chunk's context keys (a block's view of the store) and its own, rotated and concatenated."""
-    tokens = grid[0] * grid[1]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    store = torch.randn(30, 1, slots, tokens, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-    context = store[7]
-    own = torch.randn(1, frames * tokens, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-    ctx_index, own_index = [0, 0, 0, 12, 13, 14, 15, 16, 17][:slots], [18, 19, 20][:frames]
-    rope = RopeTable(HEAD_DIM)
-    ctx_table = real_freqs(rope.frequencies(ctx_index, *grid, "float32", "cuda"))
-    own_table = real_freqs(rope.frequencies(own_index, *grid, "float32", "cuda"))
-    tables = rope.axis_rotations(ctx_index + own_index, *grid, "cuda")
-
-    def expression(context, own, ctx_table, own_table):
-        return torch.cat([rotate_real(context.flatten(1, 2), ctx_table), rotate_real(own, own_table)], dim=1)
-
-    inductor = torch.compile(expression, fullgraph=True)
-    compiled_kernel = torch.compile(lambda c, o, t, h, w: rope_kernel.rotate_cat(c, o, t, h, w), fullgraph=True)
-    ref = inductor(context, own, ctx_table, own_table)
-    moved = 2 * ref.numel() * ref.element_size()  # keys read and written once
-    rows = []
-    variants = [("copy only (torch.cat)", lambda: torch.cat([context.flatten(1, 2), own], dim=1)),
-                ("inductor, per-token tables", lambda: inductor(context, own, ctx_table, own_table))]
-    if rope_kernel.triton is not None:
-        variants += [("triton kernel", lambda: rope_kernel.rotate_cat(context, own, *tables)),
-                     ("triton kernel inside torch.compile", lambda: compiled_kernel(context, own, *tables))]
-    for name, fn in variants:
-        out = fn()
-        ms = bench_calls(fn)
-        row = {"op": name, "ms": ms, "keys_tb_s": moved / ms / 1e9}
-        if "copy" not in name:
-            row["max_abs_vs_inductor"] = float((out.float() - ref.float()).abs().max())
-            row["differing_values"] = int((out != ref).sum())
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    # the split attention (2 runs of keys) with the query repeated as a stride-0 view instead of a copy
-    q = torch.randn(1, frames * tokens, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn_like(ref)
-
-    def split_view(q, k, v, parts=2):
-        b, lq, h, d = q.shape
-        qs = q.expand(parts, lq, h, d)
-        ks, vs = k.reshape(parts, -1, h, d), v.reshape(parts, -1, h, d)
-        out, lse = attention_with_lse(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2))
-        weight = torch.softmax(lse.unsqueeze(0), dim=1).unsqueeze(-1)
-        return (out.unsqueeze(0).float() * weight).sum(dim=1).to(q.dtype).transpose(1, 2)
-
-    split_copy = torch.compile(lambda q, k, v: split_attention(q, k, v, 2), fullgraph=True)
-    expected = split_copy(q, ref, v)
-    for name, fn in (("split2, query copied", split_copy), ("split2, query as a view (eager)", split_view),
-                     ("split2, query as a view (compiled)", torch.compile(split_view, fullgraph=True))):
-        try:
-            out = fn(q, ref, v)
-            row = {"op": name, "ms": bench_calls(lambda fn=fn: fn(q, ref, v)),
-                   "max_abs_vs_copy": float((out.float() - expected.float()).abs().max())}
-        except Exception as e:  # report, do not stop the other rows
-            row = {"op": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--splits", default="2,3,4,6")
@@ -251,7 +169,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("kernels.py times GPU kernels; run it on a machine with a CUDA GPU")
     parts = {"attention": lambda: attention_rows([int(s) for s in args.splits.split(",")]),
-             "cross": cross_rows, "products": product_rows, "rotate": rotate_rows}
+             "cross": cross_rows, "products": product_rows}
     unknown = set(args.only.split(",")) - set(parts)
     if unknown:
         raise SystemExit(f"unknown part '{sorted(unknown)[0]}' in --only; use {', '.join(parts)}")

@@ -134,7 +134,8 @@ def run_side(args) -> None:
                     for i in range(len(bounds) - 1)]
         generator = torch.Generator(device=device).manual_seed(NOISE_SEED)
         result = gf.generate(model, segments, policy, generator=generator, noise_order="reference",
-                             rope_kind=args.rope, output_device=device, dtype=dtype, fused=args.fused)
+                             rope_kind=args.rope, output_device=device, dtype=dtype,
+                             kernels="fused" if args.fused else "eager")
         latents = result.latents.permute(0, 2, 1, 3, 4)
     if device == "cuda":
         torch.cuda.synchronize()

@@ -113,7 +113,7 @@ def engine_profile(policy: str, compile_blocks: bool) -> dict:
     dtype = torch.bfloat16
     model = _model()
     prompt = next(iter(prompts(1).values()))
-    options = {"fused": True} if compile_blocks else {}
+    options = {"kernels": "fused"} if compile_blocks else {}
     began = time.perf_counter()
     list(gf.stream(model, [gf.Segment(prompt, 24)], policy, seed=0, dtype=dtype, **options))  # compiles, if fused
     warmup = time.perf_counter() - began
@@ -162,14 +162,14 @@ def graph_profile(policy: str) -> dict:
 
     model = _model()
     prompt = next(iter(prompts(1).values()))
-    run = gf.stream(model, [gf.Segment(prompt, 60)], policy, seed=0, dtype=torch.bfloat16, fused=True)
-    for chunk in run:
+    session = gf.Session(model, policy, segments=[gf.Segment(prompt, 60)], seed=0, dtype=torch.bfloat16,
+                         kernels="fused")
+    for chunk in session.play():
         if chunk.index == 8:
             break
-    state = run.gi_frame.f_locals
-    mem, text, rope, attention = state["mem"], state["text"], state["rope"], state["attention"]
+    mem, text, rope, kernels = session.memory, session._text, session.rope, session.kernels
     plan = mem.plan(30, 3)
-    source = mem.source(plan, rope, "float32", state["grid_hw"])
+    source = mem.source(plan, rope, "float32", session.grid_hw)
     table = rope.frequencies
     memo = {}
 
@@ -189,8 +189,8 @@ def graph_profile(policy: str) -> dict:
     def steps() -> torch.Tensor:
         x = x_in
         for i in range(len(schedule)):
-            velocity, _ = forward_chunk(model, x, timesteps[i].expand(1), text, source, plan.query_index, rope,
-                                        "float32", attention, fused=True)
+            velocity = forward_chunk(model, x, timesteps[i].expand(1), text, source, plan.query_index, rope,
+                                     "float32", kernels)
             x0 = to_x0(x, velocity, sigmas[i])
             if i + 1 < len(schedule):
                 x = renoise(x0, eps[i], sigmas[i + 1])
@@ -277,9 +277,9 @@ def switch_profile(model, fused: bool) -> dict:
     p = list(prompts(2).values())
     segs = [gf.Segment(p[0], 60), gf.Segment(p[1], 12, gf.Transition("apr"))]
     list(gf.stream(model, [gf.Segment(p[0], 24), gf.Segment(p[1], 6, gf.Transition("apr"))], "grounded",
-                   seed=0, fused=fused, overlap=False))  # compiles every shape, the switch's too
+                   seed=0, kernels="fused" if fused else "eager", overlap=False))  # compiles every shape
     out = {"fused": fused}
-    run = gf.stream(model, segs, "grounded", seed=0, fused=fused, overlap=False)
+    run = gf.stream(model, segs, "grounded", seed=0, kernels="fused" if fused else "eager", overlap=False)
     profiled, began = None, 0.0
     for chunk in run:  # chunk 19 is the last of the first prompt, chunk 20 starts with the switch
         if profiled is not None:
@@ -312,13 +312,13 @@ def host_syncs(model, fused: bool) -> dict:
 
     p = list(prompts(2).values())
     segs = [gf.Segment(p[0], 30), gf.Segment(p[1], 30, gf.Transition("apr"))]
-    list(gf.stream(model, segs, "grounded", seed=0, fused=fused))  # warm
+    list(gf.stream(model, segs, "grounded", seed=0, kernels="fused" if fused else "eager"))  # warm
     counts: dict[str, int] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            chunks = sum(1 for _ in gf.stream(model, segs, "grounded", seed=0, fused=fused))
+            chunks = sum(1 for _ in gf.stream(model, segs, "grounded", seed=0, kernels="fused" if fused else "eager"))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     for w in caught:
@@ -335,15 +335,9 @@ def main() -> None:
     ap.add_argument("--only", default="all", help="all, or a comma list of: kernels, engine, switch, syncs, graph")
     ap.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                     help="an Inductor option to compile with, e.g. triton.multi_kernel=1 (repeatable)")
-    ap.add_argument("--rotate-kernel", default="on", choices=("on", "off"),
-                    help="off: fused blocks rotate their context keys with PyTorch (not gf_core.rope_kernel)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    info = run_header(inductor=args.inductor, rotate_kernel=args.rotate_kernel)
-    if args.rotate_kernel == "off":
-        from gf_core import rope_kernel
-
-        rope_kernel.enabled = False
+    info = run_header(inductor=args.inductor)
     for option in args.inductor:
         from torch._inductor import config as inductor_config
 

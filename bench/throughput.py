@@ -41,91 +41,74 @@ def _prompts(n: int) -> list[torch.Tensor]:
     return list(prompts(n).values())
 
 
-def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
-    """ComfyUI's Wan2.1 VAE (``comfy.ldm.wan.vae.WanVAE``) with random weights, and the pack's
-    comfy-free decoding module."""
-    import importlib.util
-
-    if not comfyui:
-        raise SystemExit("the decode rows need a ComfyUI checkout: pass --comfyui or set GF_COMFYUI_PATH")
-    sys.path.insert(0, comfyui)
-    from comfy.ldm.wan.vae import WanVAE
-
-    spec = importlib.util.spec_from_file_location("gf_decoding", os.path.join(ROOT, "nodes", "decoding.py"))
-    decoding = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(decoding)
-    g = torch.Generator().manual_seed(0)
-    # the Wan2.1 VAE's shape as ComfyUI builds it (comfy/sd.py)
-    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                 temperal_downsample=[False, True, True], dropout=0.0)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():  # ComfyUI's layers skip weight init
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-            elif p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.zero_()
-    return vae.to(device=device, dtype=dtype).eval(), decoding
-
-
 def run_row(row: str, args) -> dict:
-    """One measurement. An engine row may add "+fused" (blocks compiled with torch.compile) and
-    "+decode" (Wan VAE decode of every chunk on a second CUDA stream, end to end) or
-    "+decode_serial" (the same decode on the sampling stream, after each chunk), "+torch_rope"
-    (fused blocks rotate their context keys with PyTorch, not gf_core.rope_kernel), and end in
-    "@backend" to pick its attention (e.g. "grounded_120+fused+decode@cudnn")."""
+    """One measurement. An engine row may add "+fused" (blocks compiled with torch.compile) and end
+    in "@backend" to pick its attention (e.g. "grounded_120+fused@cudnn"; without it the kernels'
+    own choice)."""
     name = row
     row, _, backend = row.partition("@")
     if backend:
         args.attention = backend
     row, *variants = row.split("+")
-    fused = "fused" in variants
-    decode = "decode" in variants or "decode_serial" in variants
-    if "torch_rope" in variants:
-        from gf_core import rope_kernel
+    unknown = set(variants) - {"fused"}
+    if unknown:
+        raise SystemExit(f"unknown row variant '+{sorted(unknown)[0]}' in {name}; the engine rows take +fused")
+    kernels = "fused" if "fused" in variants else "eager"
+    from parity import model_config
 
-        rope_kernel.enabled = False
-    from gf_core import WanConfig, random_state_dict
+    from gf_core import random_state_dict
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    dtype, device = torch.bfloat16, "cuda"
-    sd = random_state_dict(WanConfig(), seed=1234, dtype=dtype, device=device)
-    torch.cuda.synchronize()
+    dtype, device = torch.bfloat16, "cpu" if args.tiny else "cuda"
+    cuda = device == "cuda"
+    scale = 10 if args.tiny else 1  # --tiny: a tenth of the frames (rounded to chunks) on a 2-block model
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    sd = random_state_dict(model_config(args.tiny), seed=1234, dtype=dtype, device=device)
+    sync()
     result: dict = {"row": name}
     if row.endswith(("reference_120", "reference_21")):
         import reference
 
         kind = "longlive" if row.startswith("longlive") else "self_forcing"
-        frames = 120 if kind == "longlive" else 21
+        frames = (120 if kind == "longlive" else 21) // scale // 3 * 3 or 3
+        if args.tiny:
+            reference.set_model_shape(num_layers=2, ffn_dim=256)
         reference.prepare_imports(args.longlive if kind == "longlive" else args.self_forcing)
         pipe = reference.build_pipeline(kind, sd, dtype, device, {"prompt 0": _prompts(1)[0].to(device, dtype)})
         del sd
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
         for attempt in ("warmup", "timed"):
             torch.manual_seed(0)
             noise = torch.randn([1, frames if attempt == "timed" else 6, 16, 60, 104], device=device, dtype=dtype)
             if attempt == "timed":
                 pipe.kv_cache1 = None  # the reference re-allocates its caches per video
-                torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+            sync()
             began = time.perf_counter()
             reference.run(kind, pipe, noise, ["prompt 0"])
-            torch.cuda.synchronize()
+            sync()
         seconds = time.perf_counter() - began
         result.update(frames=frames, seconds=seconds, chunk_seconds=None, first_chunk_s=None)
     else:
         import gf_core as gf
-        from gf_core.wan import attention_backend
+        from gf_core.kernels import attention_backend
 
         model = gf.WanModel.from_state_dict(sd, dtype=dtype, device=device)
         del sd
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
         policy = "longlive" if row.startswith("longlive") else "grounded"
-        frames = args.long_frames if row == "grounded_long" else 120
+        frames = (args.long_frames if row == "grounded_long" else 120) // scale
         ps = _prompts(6)
         if row == "grounded_apr6_120":
-            segments = [gf.Segment(p, 20, gf.Transition("apr")) for p in ps]
+            segments = [gf.Segment(p, 20 // scale // 3 * 3 or 3, gf.Transition("apr")) for p in ps]
+            frames = sum(s.frames for s in segments)
         else:
             segments = [gf.Segment(ps[0], frames)]
         # warm-up: every shape of the run (no context up to a full window, a prompt switch, and each
@@ -134,25 +117,23 @@ def run_row(row: str, args) -> dict:
         warm = [gf.Segment(ps[0], 24), gf.Segment(ps[1], 9, switch)]
         if row == "grounded_apr6_120":
             warm += [gf.Segment(p, 3, switch) for p in ps[2:]]
+        attention = None if args.attention == "auto" else attention_backend(args.attention)
         began = time.perf_counter()
-        list(gf.stream(model, warm, policy, seed=0, dtype=dtype, attention=attention_backend(args.attention),
-                       fused=fused))
-        torch.cuda.synchronize()
+        list(gf.stream(model, warm, policy, seed=0, dtype=dtype, attention=attention, kernels=kernels))
+        sync()
         result["warmup_s"] = time.perf_counter() - began
-        from gf_core.wan import product_gelu_is_tanh
+        from gf_core.kernels import product_gelu_is_tanh
 
-        result["gelu_in_product"] = fused and product_gelu_is_tanh(torch.device(device))
-        if decode:
-            return _end_to_end(result, model, segments, policy, fused, "decode" in variants, args)
-        torch.cuda.reset_peak_memory_stats()
+        result["gelu_in_product"] = kernels == "fused" and product_gelu_is_tanh(torch.device(device))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         chunk_s, mem_after, switches = [], {}, []
         began = time.perf_counter()
-        attention = attention_backend(args.attention)
-        for chunk in gf.stream(model, segments, policy, seed=0, dtype=dtype, attention=attention, fused=fused):
+        for chunk in gf.stream(model, segments, policy, seed=0, dtype=dtype, attention=attention, kernels=kernels):
             chunk_s.append(chunk.event["seconds"])  # GPU time from the previous chunk's end to this one's
             if chunk.event["switch"]:
                 switches.append(chunk.index)
-            if chunk.index in (10, 300):
+            if chunk.index in (10, 300) and cuda:
                 mem_after[chunk.index] = torch.cuda.memory_allocated()
         seconds = time.perf_counter() - began
         plain = [s for i, s in enumerate(chunk_s) if i not in switches and i > 0]
@@ -165,33 +146,8 @@ def run_row(row: str, args) -> dict:
         if row == "grounded_long" and len(chunk_s) > 330:
             early, late = statistics.median(chunk_s[10:40]), statistics.median(chunk_s[300:330])
             result.update(median_10_40=early, median_300_330=late, late_over_early=late / early)
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     result["pixel_fps"] = 4 * result["frames"] / result["seconds"]
-    return result
-
-
-def _end_to_end(result: dict, model, segments, policy, fused: bool, overlap: bool, args) -> dict:
-    """Diffusion and Wan VAE decode of every chunk, until the last pixel frame is on the host."""
-    import gf_core as gf
-
-    vae, decoding = wan_vae(args.comfyui, "cuda", torch.bfloat16)
-    warm = decoding.StreamDecoder(vae)
-    for _ in warm.frames(torch.randn(1, 16, 3, 60, 104, device="cuda", dtype=torch.bfloat16)):
-        pass
-    del warm
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    decoder = decoding.OverlappedDecoder(decoding.StreamDecoder(vae), "cuda", overlap=overlap)
-    decoded = 0
-    began = time.perf_counter()
-    for chunk in gf.stream(model, segments, policy, seed=0, dtype=torch.bfloat16, fused=fused, output_device=None):
-        decoder.submit(chunk.latents)
-        decoded += sum(p.shape[2] for p in decoder.collect())
-    decoded += sum(p.shape[2] for p in decoder.collect(wait=True))
-    seconds = time.perf_counter() - began
-    frames = sum(s.frames for s in segments)
-    result.update(frames=frames, seconds=seconds, decoded_pixel_frames=decoded, overlap=overlap,
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30, pixel_fps=decoded / seconds)
     return result
 
 
@@ -199,10 +155,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--self-forcing", default=os.environ.get("GF_SELF_FORCING_PATH"))
     ap.add_argument("--longlive", default=os.environ.get("GF_LONGLIVE_PATH"))
-    ap.add_argument("--comfyui", default=os.environ.get("GF_COMFYUI_PATH"), help="ComfyUI checkout (decode rows)")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--long-frames", type=int, default=1000)
-    ap.add_argument("--attention", default="auto", help="engine SDPA backend: auto, flash, cudnn, efficient")
+    ap.add_argument("--attention", default="auto",
+                    help="engine attention: auto (the kernels' choice), flash, cudnn, efficient, math or splitN")
+    ap.add_argument("--tiny", action="store_true",
+                    help="2-block model on a CPU, a tenth of the frames: checks the harness, measures nothing")
     ap.add_argument("--out")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
@@ -218,8 +176,8 @@ def main() -> None:
             path = os.path.join(tmp, row + ".json")
             cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--save", path,
                    "--long-frames", str(args.long_frames), "--attention", args.attention]
-            for flag, value in (("--self-forcing", args.self_forcing), ("--longlive", args.longlive),
-                                ("--comfyui", args.comfyui)):
+            cmd += ["--tiny"] if args.tiny else []
+            for flag, value in (("--self-forcing", args.self_forcing), ("--longlive", args.longlive)):
                 if value:
                     cmd += [flag, value]
             done = subprocess.run(cmd)
@@ -235,8 +193,6 @@ def main() -> None:
             if r.get("switch_cost_chunks"):
                 extra += (f" switch chunk {max(r['switch_cost_chunks']):.3f} chunk times"
                           f" (adds {max(r['switch_added_chunks']):.3f})")
-            if r.get("decoded_pixel_frames"):
-                extra += f" end to end, {r['decoded_pixel_frames']} pixel frames decoded"
             if r.get("warmup_s"):
                 extra += f" warm-up {r['warmup_s']:.0f} s"
             if r.get("late_over_early"):

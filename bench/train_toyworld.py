@@ -45,7 +45,7 @@ import gf_core as gf  # noqa: E402
 from gf_core import toyworld as tw  # noqa: E402
 from gf_core.rope import RopeTable, apply_rope  # noqa: E402
 from gf_core.sampler import Schedule  # noqa: E402
-from gf_core.wan import WanConfig, block_step, encode_text, sinusoid, unpatchify  # noqa: E402
+from gf_core.wan import BlockOps, TextKV, WanConfig, block_step, encode_text, sinusoid, unpatchify  # noqa: E402
 
 CHUNK = tw.CHUNK_FRAMES
 MAX_WORDS = 10  # the longest sentence of the toy world has 9 words
@@ -178,8 +178,8 @@ def train_forward(
     for i, block in enumerate(model.blocks):
         keys = text.keys[i].reshape(b, chunks * cfg.text_len, cfg.num_heads, cfg.head_dim)
         values = text.values[i].reshape(b, chunks * cfg.text_len, cfg.num_heads, cfg.head_dim)
-        h, _, _ = block_step(block, h, e0, 2 * frames, cfg.num_heads, freqs, keys, values, None, None, None, None,
-                             apply_rope, attention)
+        h, _, _ = block_step(block, h, e0, 2 * frames, cfg.num_heads, freqs, TextKV(keys, values, None), None,
+                             BlockOps(apply_rope, attention, False))
     head = model.head
     h = h[:, frames * tokens:]
     e = e.unflatten(0, (b, 2 * frames))[:, frames:]

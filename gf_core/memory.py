@@ -9,14 +9,15 @@ Units: every count here is in latent frames; ``tokens_per_frame`` is h * w of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .policies import FILL_FIFO, FILL_FIRST, FILL_JUNCTION, FILL_PROMOTED, MemoryPolicy
 from .rope import RopeTable
 from .transfer import index_tensor, upload
-from .wan import ChunkKV, Context
+from .wan import Context
 
 
 @dataclass
@@ -35,6 +36,58 @@ class Plan:
     keys: list[tuple[str, Frame]]
     key_index: list[int]
     query_index: list[int]
+
+    def attended(self) -> dict[str, list[list[int]]]:
+        """The event log's view: per region, [absolute frame, temporal index] of every key frame."""
+        out: dict[str, list[list[int]]] = {}
+        for (name, f), index in zip(self.keys, self.key_index):
+            out.setdefault(name, []).append([f.index, index])
+        return out
+
+
+class Write(NamedTuple):
+    """Frame ``frame`` of a forward goes to ``slot``: stored (alpha 1) or blended in (alpha < 1)."""
+
+    frame: int
+    slot: int
+    alpha: float = 1.0
+
+
+@dataclass
+class AnchorUpdate:
+    """One diversity-aware GCM decision (Eq. 6-8) for a committed frame; ``replaced`` the anchor it replaced."""
+
+    frame: int
+    importance: float
+    redundancy: float
+    target: int
+    replace: bool
+    replaced: int | None
+
+
+@dataclass
+class PromotionEvent:
+    """One promotion decision (Context Forcing Eq. 7) for a frame leaving the sliding region."""
+
+    frame: int
+    similarity: float
+    promoted: bool
+
+
+@dataclass
+class Admission:
+    """What admitting a finished chunk changed (the event log's part) and the writes its cache pass makes."""
+
+    evicted: list[int]
+    gcm_updates: list[AnchorUpdate]
+    promotions: list[PromotionEvent] | None  # None: the policy does not promote
+    writes: list[Write]
+
+    def to_json(self) -> dict:
+        out: dict = {"evicted": self.evicted, "gcm_updates": [asdict(u) for u in self.gcm_updates]}
+        if self.promotions is not None:
+            out["promotions"] = [asdict(p) for p in self.promotions]
+        return out
 
 
 class FrameStore:
@@ -73,8 +126,8 @@ class FrameStore:
         for store, new in ((self.keys, k), (self.values, v)):
             store[block, :, slot] = new[:, frame * t:(frame + 1) * t]
 
-    def writer(self, writes: list[tuple[int, int, float]], frames: int):
-        """A forward's per-block K/V callback storing (frame in forward, slot, alpha) triples.
+    def writer(self, writes: list[Write], frames: int):
+        """A forward's per-block K/V callback making ``writes`` (frame in the forward, slot, alpha).
 
         alpha 1 stores the frame; alpha < 1 blends it into the slot, K' = (1 - alpha) K_old +
         alpha K_new, same for V (Eq. 11): one in-place lerp per frame, which PyTorch computes in
@@ -99,19 +152,16 @@ class ContextSource:
 
     The block gathers and rotates them as it attends (:func:`~gf_core.wan.block_step`). When the
     plan attends to every memory slot and the store has scratch slots, the context also carries
-    the rotations and, given the plan's temporal ``index``, the indices in slot order
-    (``Context.whole_freqs``, ``Context.whole_index``), so a fused block may read the store in
-    place instead of gathering (the keys then come in slot order, which changes only the order
-    of attention's sums).
+    the rotations in slot order (``Context.whole_freqs``), so a block whose kernels read the
+    context in place (``Kernels.read_in_place``) need not gather (the keys then come in slot
+    order, which changes only the order of attention's sums).
     """
 
-    def __init__(self, store: FrameStore, slots: list[int], freqs: torch.Tensor | None,
-                 index: list[int] | None = None):
+    def __init__(self, store: FrameStore, slots: list[int], freqs: torch.Tensor | None):
         self.store = store
         self.freqs = freqs
         self.slot_index = None
         self.whole_freqs = None
-        self.whole_index = None
         if slots:
             self.slot_index = index_tensor(slots, store.keys.device)
             if store.scratch and sorted(slots) == list(range(store.slots)):
@@ -119,14 +169,12 @@ class ContextSource:
                 order = sorted(range(len(slots)), key=slots.__getitem__)
                 rows = (torch.tensor(order)[:, None] * tokens + torch.arange(tokens)).flatten()
                 self.whole_freqs = freqs.index_select(0, upload(rows, freqs.device))
-                if index is not None:
-                    self.whole_index = [index[j] for j in order]
 
     def context(self, block: int) -> Context | None:
         if self.slot_index is None:
             return None
         return Context(self.store.keys[block], self.store.values[block], self.slot_index, self.freqs,
-                       self.whole_freqs, self.whole_index)
+                       self.whole_freqs)
 
 
 @dataclass
@@ -136,13 +184,13 @@ class Memory:
     policy: MemoryPolicy
     chunk_frames: int = 3
     layers: int = 30
-    scratch: int = 0  # value slots for a fused forward's own chunk (FrameStore)
+    scratch: int = 0  # value slots for a forward's own chunk, when its kernels read the context in place
     regions: dict[str, list[Frame]] = field(default_factory=dict)
     sealed: set[str] = field(default_factory=set)
     origin: int = 0  # absolute frame whose bounded index would be 0 (moves at a cut)
     candidates_left: int = 0  # frames still eligible for the anchor update
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    cut_at: int | None = None  # first frame of the chunk a RoPE cut moves to ``policy.cut_index``
+    cut_at: int | None = None  # first frame of the chunk a RoPE cut moves to ``policy.cut.index``
     last_key: tuple[int, torch.Tensor] | None = None  # (frame, block-0 raw key) a promotion compares with
     junction_open: bool = False  # the next committed chunk fills the junction region
 
@@ -196,7 +244,7 @@ class Memory:
             key_index = list(range(len(keys)))
             query = list(range(len(keys), len(keys) + frames))
         else:
-            sliding = {r.name for r in self.policy.regions if r.fill == FILL_FIFO}
+            sliding = {r.name for r in self.policy.filled_by(FILL_FIFO)}
             fixed = [(n, f) for n, f in keys if n not in sliding]
             recent = [(n, f) for n, f in keys if n in sliding]
             count = len(recent) + frames
@@ -206,7 +254,7 @@ class Memory:
             key_index = list(range(len(fixed))) + block[: len(recent)]
             query = block[len(recent):]
         if start == self.cut_at:
-            query = list(range(self.policy.cut_index, self.policy.cut_index + frames))
+            query = list(range(self.policy.cut.index, self.policy.cut.index + frames))
         return Plan(keys, key_index, query)
 
     def _tri_region_plan(self, keys: list[tuple[str, Frame]], start: int, frames: int, recent: bool = True) -> Plan:
@@ -214,7 +262,7 @@ class Memory:
 
         First-filled (sink) frames at 0, 1, ...; the sliding region and the block consecutive, ending
         at the block's last absolute frame while that is below ``rope_range`` and at ``rope_range - 1``
-        afterwards, never before the sink ends; the junction at ``junction_index``.. (attention order
+        afterwards, never before the sink ends; the junction at ``junction.index``.. (attention order
         sink | junction | local | block), only once :meth:`junction_active`. ``recent=False`` leaves
         the sliding region out (a re-cache block that holds those frames itself).
         """
@@ -225,7 +273,7 @@ class Memory:
         count = len(sliding) + frames
         last = max(len(fixed) + count - 1, min(self.policy.rope_range - 1, start + frames - 1 - self.origin))
         block = list(range(last - count + 1, last + 1))
-        key_index = (list(range(len(fixed))) + [self.policy.junction_index + j for j in range(len(junction))]
+        key_index = (list(range(len(fixed))) + [self.policy.junction.index + j for j in range(len(junction))]
                      + block[: len(sliding)])
         return Plan(fixed + junction + sliding, key_index, block[len(sliding):])
 
@@ -263,58 +311,45 @@ class Memory:
         if not plan.keys:
             return ContextSource(self.store, [], None)
         freqs = rope.frequencies(plan.key_index, grid_hw[0], grid_hw[1], rope_kind, self.store.keys.device)
-        return ContextSource(self.store, [f.slot for _, f in plan.keys], freqs, plan.key_index)
+        return ContextSource(self.store, [f.slot for _, f in plan.keys], freqs)
 
     # -- writing -----------------------------------------------------------------------------
 
-    def admit(self, start: int, latents: torch.Tensor, segment: int) -> tuple[dict, list[tuple[int, int, float]]]:
-        """Admit the clean frames of a finished chunk into the regions.
+    def admit(self, start: int, latents: torch.Tensor, segment: int) -> Admission:
+        """Admit the clean frames ``latents`` [B, C, F, H, W] of a finished chunk into the regions.
 
-        Returns the event parts (evictions, anchor updates) and the (frame, slot, alpha) writes the
-        chunk's cache pass must make (see :meth:`FrameStore.writer`). Slots freed here may still be
-        read as context by that pass: each block writes only after its own attention has run.
+        Returns what changed and the writes the chunk's cache pass must make (see
+        :meth:`FrameStore.writer`). Slots freed here may still be read as context by that pass:
+        each block writes only after its own attention has run.
         """
-        frames = latents.shape[2]
-        evicted: list[int] = []
-        updates: list[dict] = []
-        promotions: list[dict] = []
-        writes: list[tuple[int, int, float]] = []
-        for i in range(frames):
+        promotes = self.policy.promotion is not None
+        done = Admission([], [], [] if promotes else None, [])
+        history = self.policy.recache.frames if self.policy.recache else 0
+        for i in range(latents.shape[2]):
             index = start + i
-            if self.policy.recache_frames:
+            if history:
                 self.history.append((index, latents[:, :, i].clone()))
-                del self.history[: max(0, len(self.history) - self.policy.recache_frames)]
-            placed, slot = self._place(index, segment, evicted, promotions)
+                del self.history[: max(0, len(self.history) - history)]
+            placed, slot = self._place(index, segment, done)
             if not placed:
                 raise RuntimeError(
                     f"frame {index} does not fit the '{self.policy.name}' memory "
                     f"(at most {self.policy.max_frames} frames); make the video shorter or pick a windowed policy"
                 )
             self.store.put_latent(slot, latents, i)
-            writes.append((i, slot, 1.0))
+            done.writes.append(Write(i, slot))
             if self.junction_open:
-                writes += self._fill_junction(index, i, latents, segment)
+                done.writes += self._fill_junction(index, i, latents, segment)
             if self.policy.anchor_region and placed != self.policy.anchor_region:
                 update = self._anchor_update(index, i, latents, segment)
-                if update:
-                    updates.append(update)
-                    if update["replaced"] is not None:
-                        writes.append((i, update.pop("slot"), 1.0))
+                if update is not None:
+                    done.gcm_updates.append(update[0])
+                    if update[1] is not None:
+                        done.writes.append(Write(i, update[1]))
         self.junction_open = False
-        changes = {"evicted": evicted, "gcm_updates": updates}
-        if self.policy.promote_to:
-            changes["promotions"] = promotions
-        return changes, writes
+        return done
 
-    def commit(self, start: int, latents: torch.Tensor, kv: ChunkKV, segment: int) -> dict:
-        """:meth:`admit` plus the writes from K/V captured by a forward (``capture_kv=True``)."""
-        changes, writes = self.admit(start, latents, segment)
-        on_kv = self.store.writer(writes, latents.shape[2])
-        for block, (k, v) in enumerate(zip(kv.keys, kv.values)):
-            on_kv(block, k, v)
-        return changes
-
-    def _fill_junction(self, index: int, i: int, latents: torch.Tensor, segment: int) -> list[tuple[int, int, float]]:
+    def _fill_junction(self, index: int, i: int, latents: torch.Tensor, segment: int) -> list[Write]:
         """Also store frame ``index`` (frame ``i`` of the chunk) in the junction region while it has room;
         its K/V come from the same cache pass as its sliding-region copy."""
         writes = []
@@ -323,10 +358,10 @@ class Memory:
                 slot = self._free[r.name].pop(0)
                 self.regions[r.name].append(Frame(index, slot, segment))
                 self.store.put_latent(slot, latents, i)
-                writes.append((i, slot, 1.0))
+                writes.append(Write(i, slot))
         return writes
 
-    def _place(self, index: int, segment: int, evicted: list[int], promotions: list[dict]) -> tuple[str, int]:
+    def _place(self, index: int, segment: int, done: Admission) -> tuple[str, int]:
         for r in self.policy.regions:
             held = self.regions[r.name]
             if r.fill in (FILL_PROMOTED, FILL_JUNCTION):
@@ -341,8 +376,8 @@ class Memory:
             else:
                 if len(held) >= r.frames:
                     old = held.pop(0)
-                    if not (self.policy.promote_to and self._promote(old, r.name, evicted, promotions)):
-                        evicted.append(old.index)
+                    if not (self.policy.promotion and self._promote(old, r.name, done)):
+                        done.evicted.append(old.index)
                         self._free[r.name].append(old.slot)
                 slot = self._free[r.name].pop(0)
                 held.append(Frame(index, slot, segment))
@@ -353,19 +388,19 @@ class Memory:
         """The key a promotion compares: the frame's raw key of the first block, whole batch, float32."""
         return self.store.keys[0, :, slot].float().flatten()
 
-    def _promote(self, old: Frame, source: str, evicted: list[int], promotions: list[dict]) -> bool:
+    def _promote(self, old: Frame, source: str, done: Admission) -> bool:
         """Surprisal-based consolidation (Context Forcing Eq. 7) of a frame leaving ``source``.
 
-        Candidates are the first frames of every ``promote_every``-th chunk; a candidate moves to the
+        Candidates are the first frames of every ``promotion.every``-th chunk; a candidate moves to the
         promoted region (keeping its slot, so its K/V and latent stay in place) when the cosine
-        similarity of its key to the previous frame's key is below ``tau``. A full promoted region
+        similarity of its key to the previous frame's key is below ``promotion.tau``. A full promoted region
         evicts its oldest frame, whose slot goes to ``source``.
         """
-        policy, chunk = self.policy, self.chunk_frames
+        rule, chunk = self.policy.promotion, self.chunk_frames
         nxt = old.index + 1  # keep this frame's key if the next frame will be a candidate
-        if nxt % chunk == 0 and (nxt // chunk) % policy.promote_every == 0:
+        if nxt % chunk == 0 and (nxt // chunk) % rule.every == 0:
             self.last_key = (old.index, self._frame_key(old.slot).clone())  # its slot is about to be reused
-        if old.index % chunk or (old.index // chunk) % policy.promote_every:
+        if old.index % chunk or (old.index // chunk) % rule.every:
             return False
         previous = None
         if self.last_key is not None and self.last_key[0] == old.index - 1:
@@ -378,17 +413,17 @@ class Memory:
             return False
         key = self._frame_key(old.slot)
         similarity = float(torch.nn.functional.cosine_similarity(key, previous, dim=0))
-        promote = similarity < policy.tau
-        promotions.append({"frame": old.index, "similarity": similarity, "promoted": promote})
+        promote = similarity < rule.tau
+        done.promotions.append(PromotionEvent(old.index, similarity, promote))
         if not promote:
             return False
-        target, capacity = self.regions[policy.promote_to], policy.region(policy.promote_to).frames
+        target, capacity = self.regions[rule.into], self.policy.region(rule.into).frames
         if len(target) >= capacity:
             gone = target.pop(0)
-            evicted.append(gone.index)
+            done.evicted.append(gone.index)
             spare = gone.slot
         else:
-            spare = self._free[policy.promote_to].pop(0)
+            spare = self._free[rule.into].pop(0)
         target.append(old)
         self._free[source].append(spare)
         return True
@@ -396,7 +431,7 @@ class Memory:
     def flush(self) -> list[int]:
         """Infinity-RoPE's KV Flush: keep the first-filled and promoted regions and the
         ``policy.flush_keep`` newest sliding frames; returns the dropped frames."""
-        sliding = [r.name for r in self.policy.regions if r.fill == FILL_FIFO]
+        sliding = [r.name for r in self.policy.filled_by(FILL_FIFO)]
         newest = sorted((f.index for name in sliding for f in self.regions[name]), reverse=True)
         keep = set(newest[: self.policy.flush_keep])
         dropped = []
@@ -413,8 +448,10 @@ class Memory:
         self.cut_at = at_frame
         return self.flush()
 
-    def _anchor_update(self, index: int, i: int, latents: torch.Tensor, segment: int) -> dict | None:
-        """Diversity-aware GCM update (Eq. 6-8) for one newly committed frame."""
+    def _anchor_update(self, index: int, i: int, latents: torch.Tensor,
+                       segment: int) -> tuple[AnchorUpdate, int | None] | None:
+        """Diversity-aware GCM update (Eq. 6-8) for one newly committed frame: the decision and the
+        slot its K/V must be written to when it replaced an anchor (or None)."""
         rule = self.policy.candidates
         if rule == "frozen" or self.policy.anchor_region not in self.sealed:
             return None
@@ -429,15 +466,15 @@ class Memory:
         g = torch.stack([self.store.latents[:, :, f.slot].float().flatten() for f in anchors])
         decision = diversity_decision(z, g)
         if not decision["replace"]:
-            return {"frame": index, **decision, "replaced": None}
+            return AnchorUpdate(index, **decision, replaced=None), None
         target = anchors[decision["target"]]
         self.store.put_latent(target.slot, latents, i)
         anchors[decision["target"]] = Frame(index, target.slot, segment)
-        return {"frame": index, **decision, "replaced": target.index, "slot": target.slot}
+        return AnchorUpdate(index, **decision, replaced=target.index), target.slot
 
     def begin_turnover(self) -> None:
         """A prompt switch or cut: the next LTM-turnover worth of frames may become anchors."""
-        self.candidates_left = int(sum(r.frames for r in self.policy.regions if r.fill == FILL_FIFO))
+        self.candidates_left = int(sum(r.frames for r in self.policy.filled_by(FILL_FIFO)))
 
     def reset_recent(self, at_frame: int) -> list[int]:
         """Shot cut: drop every sliding-window frame, keep anchors, restart indices after them."""

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from .errors import BadInput
 from .transfer import index_tensor
+
+ROPE_POSITIONS = 1024  # temporal positions of the Wan RoPE table: absolute indices end here
 
 
 def axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -32,9 +35,9 @@ def _axis_angles(max_positions: int, pairs: int, theta: float) -> torch.Tensor:
 class RopeTable:
     """Precomputed rotations for all three axes; ``max_positions`` bounds every index."""
 
-    def __init__(self, head_dim: int, max_positions: int = 1024, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_positions: int = ROPE_POSITIONS, theta: float = 10000.0):
         if head_dim % 2:
-            raise ValueError(f"head dimension {head_dim} is odd; RoPE needs an even head dimension")
+            raise BadInput(f"head dimension {head_dim} is odd; RoPE needs an even head dimension")
         self.head_dim = head_dim
         self.max_positions = max_positions
         t, h, w = axis_dims(head_dim)
@@ -44,7 +47,7 @@ class RopeTable:
     def _check(self, frame_index: list[int]) -> None:
         bad = [i for i in frame_index if not 0 <= i < self.max_positions]
         if bad:
-            raise ValueError(
+            raise BadInput(
                 f"temporal RoPE index {bad[0]} is outside the table of "
                 f"{self.max_positions} positions; shorten the video or use a bounded-index memory policy"
             )
@@ -82,14 +85,6 @@ class RopeTable:
             device = device or frame_index.device
             frame_index = frame_index.tolist()
         return per_token(*self._axes(frame_index, height, width, kind, torch.device(device or "cpu")))
-
-    def axis_rotations(
-        self, frame_index: list[int], height: int, width: int, device: torch.device | str,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The float32 rotations of :meth:`frequencies` per axis, as (cos, sin) pairs: time per frame
-        [F, t, 2], height [height, h, 2], width [width, w, 2] (t, h, w from :func:`axis_dims`)."""
-        axes = self._axes(frame_index, height, width, "float32", torch.device(device))
-        return tuple(torch.view_as_real(a).contiguous() for a in axes)
 
 
 def per_token(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

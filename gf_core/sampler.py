@@ -1,4 +1,4 @@
-"""The few-step flow-matching schedule of the chunk-wise causal Wan models.
+"""The few-step flow-matching schedule of the chunk-wise causal Wan models and the loop of one chunk.
 
 Self-Forcing, LongLive and Anchor Forcing denoise each chunk in four steps. Their timesteps
 come from a 1000-entry shifted table, ``sigma'(u) = s u / (1 + (s - 1) u)`` with ``s = 5``,
@@ -9,9 +9,12 @@ references build it, so every timestep and sigma is bit-identical to theirs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .errors import BadInput
 
 DENOISING_STEPS = (1000, 750, 500, 250)
 
@@ -36,7 +39,7 @@ class Schedule:
         cls, steps: tuple[int, ...] = DENOISING_STEPS, shift: float = 5.0, context_timestep: float = 0.0
     ) -> Schedule:
         if not steps or any(not 0 < s <= 1000 for s in steps):
-            raise ValueError(f"denoising steps {steps} must be integers in (0, 1000]; the default is {DENOISING_STEPS}")
+            raise BadInput(f"denoising steps {steps} must be integers in (0, 1000]; the default is {DENOISING_STEPS}")
         sigmas, timesteps = shifted_table(shift)
         index = 1000 - torch.tensor(steps, dtype=torch.long)
         return cls(timesteps=timesteps[index], sigmas=sigmas[index], context_timestep=context_timestep)
@@ -54,3 +57,26 @@ def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.T
     """(1 - sigma) x0 + sigma eps computed in float32, cast to the noise dtype (as the references do)."""
     s = sigma.float()
     return ((1 - s) * x0.float() + s * eps.float()).to(eps.dtype)
+
+
+def denoise_chunk(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    sigmas: torch.Tensor,
+    draw_noise: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """The few-step loop of one chunk: from ``noise`` [B, C, F, H, W], for every step i the model's
+    velocity at ``timesteps[i]`` gives x0 (:func:`to_x0`); every step but the last re-noises x0 to
+    ``sigmas[i + 1]`` with a fresh draw (:func:`renoise`). Returns the last x0 [B, C, F, H, W].
+
+    ``velocity(x, t)`` runs the model on x at the scalar timestep t; ``draw_noise()`` returns the
+    next re-noise tensor in x's layout (the run's draw order decides where it comes from).
+    """
+    x = noise
+    steps = timesteps.numel()
+    for i in range(steps):
+        x0 = to_x0(x, velocity(x, timesteps[i]), sigmas[i])
+        if i + 1 < steps:
+            x = renoise(x0, draw_noise(), sigmas[i + 1])
+    return x0

@@ -1,49 +1,50 @@
 """Segments -> chunks -> latents: the public generation API.
 
-``stream`` yields every chunk as soon as its clean latents exist; ``generate`` collects them.
-Latents are in the normalised Wan latent space of the research models ([B, 16, F, H/8, W/8]).
+A :class:`Session` makes one chunk per :meth:`~Session.step` under the segment it is given;
+``stream`` is a session played over a segment plan, yielding every chunk as soon as its clean
+latents exist, and ``generate`` collects them. Latents are in the normalised Wan latent space of
+the research models ([B, 16, F, H/8, W/8]).
 
 Random draws, in order (``noise_order="reference"``, the research code's order): the initial
 noise of the whole video as one tensor [B, F, 16, H/8, W/8] in the run dtype, then for every
 chunk, for every denoising step but the last, one re-noise tensor [B * frames, 16, H/8, W/8].
-With a CUDA generator seeded like the reference's global seed this reproduces its noise.
-The drawn noise is then kept in host memory (about 200 KB per latent frame at 832x480 in bf16)
-and each chunk's part copied to the device. ``noise_order="chunk"`` draws each chunk's initial
-noise just before the chunk instead, so nothing at all grows with the length of the video.
+With a CUDA generator seeded like the reference's global seed this reproduces its noise. The
+drawn initial noise is kept in host memory and each chunk's part copied to the device.
+``noise_order="chunk"`` draws each chunk's initial noise just before the chunk instead, so
+nothing grows with the length of the video and a session needs no total length: a session
+stepped chunk by chunk makes exactly what ``generate`` makes with the same segments and seed.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from .memory import ContextSource, Memory
-from .policies import MemoryPolicy, preset
-from .recache import Transition, apply_switch, resolve
-from .rope import RopeTable
-from .sampler import Schedule, renoise, to_x0
-from .transfer import start_download, upload
-from .wan import (
-    AttentionFn,
-    TextContext,
-    WanConfig,
-    encode_text,
-    forward_chunk,
-    fused_attention,
-    padding_start,
-    sdpa_attention,
+from .config import (
+    LATENT_CHANNELS,
+    RunConfig,
+    check_length,
+    check_segment,
+    chunk_plan,
+    validate,
+    validate_memory,
 )
-
-LATENT_CHANNELS = 16
-SPATIAL_DOWNSCALE = 8  # Wan VAE: 8 pixels per latent pixel
+from .errors import BadInput
+from .kernels import choose
+from .memory import Admission, ContextSource, Memory
+from .policies import MemoryPolicy, preset
+from .recache import SwitchEvent, Transition, apply_switch
+from .rope import RopeTable
+from .sampler import Schedule, denoise_chunk
+from .transfer import start_download, upload
+from .wan import AttentionFn, TextContext, WanConfig, encode_text, forward_chunk, padding_start
 
 
 @dataclass
@@ -56,12 +57,35 @@ class Segment:
 
 
 @dataclass
+class ChunkEvent:
+    """The event record of one chunk; :meth:`to_json` is its line of the event log."""
+
+    chunk: int
+    frames: list[int]  # [start, end) absolute latent frames
+    segment: int
+    switch: SwitchEvent | None
+    keys: dict[str, list[list[int]]]  # per region, [absolute frame, temporal index] of every key frame
+    query: list[int]  # the chunk's temporal indices
+    memory: dict[str, list[int]]  # per region, the frames held after the chunk
+    admission: Admission
+    seconds: float | None = None  # time from the end of the previous chunk (GPU time on CUDA)
+
+    def to_json(self) -> dict:
+        out = {"chunk": self.chunk, "frames": self.frames, "segment": self.segment,
+               "switch": self.switch.to_json() if self.switch else None,
+               "rope": {"keys": self.keys, "query": self.query}, "memory": self.memory, **self.admission.to_json()}
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
+
+
+@dataclass
 class ChunkResult:
     index: int
     start: int
     segment: int
     latents: torch.Tensor  # [B, 16, frames, H/8, W/8]
-    event: dict
+    event: dict  # the chunk's event-log line (ChunkEvent.to_json)
 
 
 @dataclass
@@ -70,288 +94,294 @@ class GenerationResult:
     events: list[dict]
 
 
+class NonFiniteOutput(RuntimeError):
+    """The model's output holds NaN or infinite values."""
+
+
 def pixel_frames(latent_frames: int) -> int:
     """Pixel frames the Wan VAE decodes from ``latent_frames`` latent frames (1 + 4 (F - 1))."""
     return 1 + 4 * (latent_frames - 1) if latent_frames > 0 else 0
 
 
-def chunk_plan(segments: list[Segment], chunk_frames: int) -> list[tuple[int, int]]:
-    """(start frame, segment) of every chunk. A segment boundary takes effect at the first chunk
-    boundary at or after the requested frame, as in LongLive's interactive pipeline."""
-    bounds, total = [], 0
-    for s in segments:
-        total += s.frames
-        bounds.append(math.ceil(total / chunk_frames) * chunk_frames)
-    plan, start = [], 0
-    for k, end in enumerate(bounds):
-        while start < end:
-            plan.append((start, k))
-            start += chunk_frames
-    return plan
+class NoiseSource:
+    """The run's random draws in its draw order (module docstring), in the run dtype on the run device.
+
+    ``noise`` [B, F, 16, H/8, W/8] replaces the initial noise; the generator then still draws
+    (and drops) it, so the re-noise draws stay those of the seed.
+    """
+
+    def __init__(self, config: RunConfig, generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+                 total_frames: int | None, noise: torch.Tensor | None = None):
+        self.config, self.generator, self.device, self.dtype = config, generator, device, dtype
+        self.total_frames = total_frames
+        self._initial = noise
+        self._drawn = False
+        if noise is not None:
+            if total_frames is None:
+                raise BadInput("given noise covers a whole video, so it needs the segments up front; pass segments=")
+            expected = self._shape(total_frames)
+            if tuple(noise.shape) != expected:
+                raise BadInput(f"noise of shape {tuple(noise.shape)} does not fit; expected {expected}")
+            if not bool(torch.isfinite(noise).all()):
+                raise BadInput("the given noise holds NaN or infinite values; pass finite Gaussian noise")
+        elif config.noise_order == "reference" and total_frames is None:
+            raise BadInput("the 'reference' noise order draws the whole video's noise first, so it needs the "
+                           "segments up front; pass segments=, or use noise_order='chunk'")
+
+    def _shape(self, frames: int) -> tuple[int, ...]:
+        return (self.config.batch_size, frames, LATENT_CHANNELS, *self.config.latent_hw)
+
+    def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=self.dtype)
+
+    def initial(self, start: int) -> torch.Tensor:
+        """The initial noise [B, 16, F, H/8, W/8] of the chunk starting at frame ``start``."""
+        frames = self.config.chunk_frames
+        if not self._drawn and (self._initial is not None or self.config.noise_order == "reference"):
+            drawn = self._randn(self._shape(self.total_frames))  # the whole video's, once, at the first chunk
+            if self._initial is None:
+                # kept on the host: the device then holds nothing that grows with the video's length
+                self._initial = drawn.cpu()
+        self._drawn = True
+        if self._initial is not None:
+            if start + frames > self._initial.shape[1]:
+                raise BadInput(f"the chunk at frame {start} is past the {self._initial.shape[1]} frames of noise "
+                               "drawn for the plan; use noise_order='chunk' for an open-ended session")
+            x = upload(self._initial[:, start:start + frames], self.device).to(self.dtype)
+        else:
+            x = upload(self._randn(self._shape(frames)), self.device)
+        return rearrange(x, "b f c h w -> b c f h w")
+
+    def renoise(self) -> torch.Tensor:
+        """The next re-noise draw, as [B, 16, F, H/8, W/8]."""
+        b, f = self.config.batch_size, self.config.chunk_frames
+        eps = upload(self._randn((b * f, LATENT_CHANNELS, *self.config.latent_hw)), self.device)
+        return rearrange(eps, "(b f) c h w -> b c f h w", b=b)
 
 
-def validate(
-    model_cfg: WanConfig,
-    segments: list[Segment],
-    policy: MemoryPolicy,
-    height: int,
-    width: int,
-    batch_size: int,
-    chunk_frames: int,
-) -> None:
-    """Raise ValueError with one sentence for anything that cannot run, before any GPU work."""
-    step = SPATIAL_DOWNSCALE * model_cfg.patch_size[1]
-    for name, value, default in (("height", height, 480), ("width", width, 832)):
-        if value < step or value % step:
-            near = max(step, round(value / step) * step)
-            raise ValueError(f"{name} {value} is not a multiple of {step}; use {near} (default {default})")
-    if batch_size < 1:
-        raise ValueError(f"batch size {batch_size} is below 1; use 1 or more")
-    if chunk_frames < 1:
-        raise ValueError(f"chunk size {chunk_frames} is below 1 latent frame; the models were trained with 3")
-    if not segments:
-        raise ValueError("no prompt segments were given; add at least one segment")
-    policy.validate(chunk_frames)
-    for k, seg in enumerate(segments):
-        p = seg.prompt
-        if p.ndim != 3 or p.shape[2] != model_cfg.text_dim or p.shape[0] not in (1, batch_size):
-            raise ValueError(
-                f"segment {k + 1}: prompt embedding of shape {tuple(p.shape)} does not fit; "
-                f"expected [1, L, {model_cfg.text_dim}] (umT5 output for this model)"
-            )
-        if seg.frames < chunk_frames:
-            raise ValueError(
-                f"segment {k + 1} is {seg.frames} latent frames, shorter than one chunk of {chunk_frames}; "
-                f"make it at least {chunk_frames} frames"
-            )
-        if k == 0 and seg.transition.kind == "cut":
-            raise ValueError("the first segment starts with a cut, but there is nothing to cut from; remove that cut")
+@dataclass
+class _Queued:
+    """A chunk whose work is queued: its result, the event its download completes at, when it began."""
+
+    index: int
+    start: int
+    segment: int
+    latents: torch.Tensor
+    record: ChunkEvent
+    done: torch.cuda.Event | None
+    began: float
+
+
+class Session:
+    """One run, made chunk by chunk: each :meth:`step` makes the next chunk under the segment it is given.
+
+    ``Session(model, memory, config)`` validates everything it can and does no GPU work. ``memory``
+    is a preset name (``gf_core.policies.PRESETS``) or a :class:`MemoryPolicy`; ``config`` a
+    :class:`RunConfig` (``options`` replace its fields). With ``segments`` (the whole plan, validated
+    now) :meth:`play` makes all of it; the "reference" noise order needs them. ``generator`` is the
+    noise source (default: a generator on the run device seeded with ``config.seed``); ``noise``
+    replaces the initial noise ([B, F, 16, H/8, W/8]); ``attention`` replaces the kernels' attention.
+    """
+
+    def __init__(self, model: nn.Module, memory: str | MemoryPolicy = "grounded", config: RunConfig | None = None, *,
+                 segments: list[Segment] | None = None, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None, attention: AttentionFn | None = None, **options):
+        self.config = config = RunConfig.build(config, **options)
+        self.policy = preset(memory, config.chunk_frames) if isinstance(memory, str) else memory
+        self.model, self.model_cfg = model, WanConfig.from_module(model)
+        if segments is not None:
+            validate(self.model_cfg, segments, self.policy, config)
+            self.segments = [replace(s) for s in segments]  # distinct objects: each starts its own segment
+        else:
+            config.validate(self.model_cfg)
+            validate_memory(self.policy, config)
+            self.segments = None
+        weight = model.patch_embedding.weight
+        self.dtype = config.dtype or weight.dtype
+        self.device = torch.device(config.device) if config.device is not None else weight.device
+        self.kernels = choose(config.kernels, self.device, config.rope_kind, attention)
+        total = chunk_plan(self.segments, config.chunk_frames)[-1][0] + config.chunk_frames if segments else None
+        generator = generator or torch.Generator(device=self.device).manual_seed(config.seed)
+        self.noise = NoiseSource(config, generator, self.device, self.dtype, total, noise)
+        scratch = config.chunk_frames if self.kernels.read_in_place else 0
+        self.memory = Memory(self.policy, config.chunk_frames, self.model_cfg.num_layers, scratch=scratch)
+        self.rope = RopeTable(self.model_cfg.head_dim)
+        self.schedule = config.schedule or Schedule.few_step()
+        lat_h, lat_w = config.latent_hw
+        self.grid_hw = (lat_h // self.model_cfg.patch_size[1], lat_w // self.model_cfg.patch_size[2])
+        self.out_device = torch.device(config.output_device) if config.output_device is not None else self.device
+        self.overlap = self.device.type == "cuda" if config.overlap is None else config.overlap
+        self.frames = 0  # latent frames made so far
+        self.pending: list[_Queued] = []
+        self._segment: Segment | None = None
+        self._segment_index = -1
+        self._chunks = 0
+        self._text: TextContext | None = None
+        self._last_done: torch.cuda.Event | None = None
+        self._steps: tuple[torch.Tensor, torch.Tensor] | None = None  # timesteps, sigmas on the device
+        self._closed = False
+
+    # -- the chunk loop ------------------------------------------------------------------------
+
+    def play(self) -> Iterator[ChunkResult]:
+        """Every chunk of the segment plan, each handed out once final (with overlap, once the next
+        one is queued); closes the session at the end. When a chunk fails, the chunks finished before
+        it are handed out first; when the consumer stops early, the chunks made but not yet handed
+        out stay in :meth:`flush`."""
+        if self.segments is None:
+            raise BadInput("this session was made without segments; pass segments= to play them, or step it")
         try:
-            resolve(policy, seg.transition)
-        except ValueError as e:
-            raise ValueError(f"segment {k + 1}: {e}") from None
-    if batch_size > 1 and policy.anchor_region and policy.candidates != "frozen":
-        raise ValueError(
-            f"batch size {batch_size} with the GCM diversity update would let the videos of the batch choose "
-            "each other's anchors; use batch size 1 (queue several runs) or set the GCM update rule to 'frozen'"
-        )
-    total = chunk_plan(segments, chunk_frames)[-1][0] + chunk_frames
-    if policy.max_frames is not None and total > policy.max_frames:
-        raise ValueError(
-            f"the '{policy.name}' memory holds at most {policy.max_frames} latent frames but the segments ask for "
-            f"{total}; shorten the video or use a windowed policy such as 'grounded' or 'longlive'"
-        )
+            for _, k in chunk_plan(self.segments, self.config.chunk_frames):
+                yield from self.submit(self.segments[k])
+            yield from self.flush()
+        except Exception:
+            yield from self.flush()
+            raise
+        finally:
+            self.close()
+
+    def step(self, segment: Segment) -> ChunkResult:
+        """Make the next chunk under ``segment`` and return it once final. When ``segment`` is not the
+        previous step's segment object, its transition is applied first."""
+        if self.pending:
+            raise RuntimeError("chunks submitted earlier are still queued; take them with flush() first")
+        return [*self.submit(segment), *self.flush()][-1]
+
+    def submit(self, segment: Segment) -> list[ChunkResult]:
+        """Queue the next chunk under ``segment``; returns the chunks final by now (with overlap the
+        one before it, else this one)."""
+        self._queue(segment)
+        if not self.overlap or len(self.pending) > 1:
+            return [self._finish()]
+        return []
+
+    def flush(self) -> list[ChunkResult]:
+        """Every queued chunk, once final."""
+        return [self._finish() for _ in range(len(self.pending))]
+
+    def close(self) -> None:
+        """Drop the K/V store and the prompt (queued chunks stay available to :meth:`flush`)."""
+        self._closed = True
+        self._text = None
+        self.memory.history.clear()
+        self.memory.store.keys = self.memory.store.values = self.memory.store.latents = None
+
+    # -- one chunk -----------------------------------------------------------------------------
+
+    def _queue(self, segment: Segment) -> None:
+        if self._closed:
+            raise RuntimeError("this session is closed; start a new one")
+        cfg, start, began = self.config, self.frames, time.perf_counter()
+        check_length(start + cfg.chunk_frames, self.policy)
+        if self._steps is None:  # (the first chunk: the device's queue is still empty)
+            self._steps = self.schedule.timesteps.to(self.device), self.schedule.sigmas.to(self.device)
+            if self.device.type == "cuda":
+                self._last_done = torch.cuda.Event(enable_timing=True)
+                self._last_done.record()
+        with torch.inference_mode():
+            switch = self._begin_segment(segment, start) if segment is not self._segment else None
+            attend = self.memory.plan(start, cfg.chunk_frames)
+            source = self.memory.source(attend, self.rope, cfg.rope_kind, self.grid_hw) if attend.keys else None
+            batch = cfg.batch_size
+
+            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return forward_chunk(self.model, x, t.expand(batch), self._text, source, attend.query_index,
+                                     self.rope, cfg.rope_kind, self.kernels)
+
+            x0 = denoise_chunk(velocity, self.noise.initial(start), *self._steps, self.noise.renoise)
+            if self._chunks == 0:
+                self._check_finite(x0)
+            admission = self.memory.admit(start, x0, self._segment_index)
+            self._encode(x0, attend.query_index, source, on_kv=self.memory.store.writer(admission.writes, cfg.chunk_frames))
+            out = start_download(x0, self.out_device)
+        record = ChunkEvent(self._chunks, [start, start + cfg.chunk_frames], self._segment_index, switch,
+                            attend.attended(), attend.query_index, self.memory.snapshot(), admission)
+        self.pending.append(_Queued(self._chunks, start, self._segment_index, out, record, self._record_done(), began))
+        self._chunks += 1
+        self.frames += cfg.chunk_frames
+
+    def _begin_segment(self, segment: Segment, start: int) -> SwitchEvent | None:
+        """A new segment: check it (a session without a plan), encode its prompt, apply its transition."""
+        k = self._segment_index + 1
+        if self.segments is None:
+            check_segment(segment, k, self.policy, self.model_cfg, self.config)
+        prompt = segment.prompt
+        p = upload(prompt, self.device).to(self.dtype).expand(self.config.batch_size, -1, -1)
+        fold_from = padding_start(prompt) if self.kernels.fold_text else None
+        self._text = encode_text(self.model, p, self.model_cfg.text_len, fold_from=fold_from)
+        switch = None
+        if k > 0:
+            switch = apply_switch(self.memory, segment.transition, start, self._encode, self._source_for)
+        self._segment, self._segment_index = segment, k
+        return switch
+
+    def _encode(self, latents: torch.Tensor, query_index: list[int], context: ContextSource | None,
+                own_keys_from: int = 0, on_kv=None) -> None:
+        """A cache pass: a forward of clean ``latents`` at the context timestep that only writes K/V."""
+        t = torch.full((self.config.batch_size,), self.schedule.context_timestep, device=self.device,
+                       dtype=torch.float32)
+        forward_chunk(self.model, latents, t, self._text, context, query_index, self.rope, self.config.rope_kind,
+                      self.kernels, compute_output=False, own_keys_from=own_keys_from, on_kv=on_kv)
+
+    def _source_for(self, slots: list[int], indices: list[int]) -> ContextSource:
+        freqs = self.rope.frequencies(indices, *self.grid_hw, self.config.rope_kind, self.device)
+        return ContextSource(self.memory.store, slots, freqs)
+
+    def _check_finite(self, x0: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x0).all()):
+            raise NonFiniteOutput(
+                "the first chunk came out NaN or infinite: the checkpoint may be corrupt (NaN or infinite weights, "
+                "a broken LoRA merge) or float16 overflowed; check the model file, or run in bfloat16 or float32"
+            )
+
+    def _record_done(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+        return done
+
+    def _finish(self) -> ChunkResult:
+        """The oldest queued chunk, once its latents are on the output device."""
+        q = self.pending.pop(0)
+        if q.done is not None:
+            q.done.synchronize()
+            q.record.seconds = round(self._last_done.elapsed_time(q.done) / 1e3, 4)
+            self._last_done = q.done
+        else:
+            q.record.seconds = round(time.perf_counter() - q.began, 4)
+        latents = q.latents.clone() if q.latents.is_pinned() else q.latents  # the pinned buffer goes back
+        return ChunkResult(q.index, q.start, q.segment, latents, q.record.to_json())
 
 
-def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = model.patch_embedding.weight
-    return p.dtype, p.device
-
-
-def check_fused(rope_kind: str, device: torch.device) -> None:
-    """What fused blocks need, checked before any work: float32 RoPE and, on a GPU, Triton."""
-    if rope_kind != "float32":
-        raise ValueError("fused blocks rotate in float32; use rope_kind='float32' or fused=False")
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise ValueError("fused blocks are compiled with Triton, which this PyTorch install lacks; install "
-                         "triton (triton-windows on Windows) or turn fused off")
-
-
-def stream(
-    model: nn.Module,
-    segments: list[Segment],
-    memory: str | MemoryPolicy = "grounded",
-    *,
-    height: int = 480,
-    width: int = 832,
-    batch_size: int = 1,
-    seed: int = 0,
-    generator: torch.Generator | None = None,
-    chunk_frames: int = 3,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    schedule: Schedule | None = None,
-    noise_order: str = "reference",
-    noise: torch.Tensor | None = None,
-    attention: AttentionFn = sdpa_attention,
-    rope_kind: str = "float32",
-    output_device: str | torch.device | None = "cpu",
-    fused: bool = False,
-    overlap: bool | None = None,
-) -> Iterator[ChunkResult]:
-    """Generate a latent video chunk by chunk; see the module docstring for the draw order.
+def stream(model: nn.Module, segments: list[Segment], memory: str | MemoryPolicy = "grounded",
+           config: RunConfig | None = None, *, generator: torch.Generator | None = None,
+           noise: torch.Tensor | None = None, attention: AttentionFn | None = None,
+           **options) -> Iterator[ChunkResult]:
+    """Generate a latent video chunk by chunk: a :class:`Session` played over ``segments``.
 
     Args:
         model: a module tree with Wan names (``gf_core.wan.WanModel`` or ComfyUI's ``WanModel``).
         segments: the prompts in order, with their lengths in latent frames and transitions.
-        memory: a preset name (``gf_core.policies.PRESETS``: "grounded", "longlive", "self_forcing",
-            "anchor_forcing", "infinity_rope", "context_forcing") or a :class:`MemoryPolicy`.
-        height, width: pixels (multiples of 16).
-        generator: the noise source; default a generator on ``device`` seeded with ``seed``.
-        noise: optional initial noise [B, F, 16, H/8, W/8] (reference layout) instead of drawing it.
-        rope_kind: "float32" (fast) or "complex128" (the references' float64 rotation).
-        output_device: where yielded latents live (None: the run device).
-        fused: run each DiT block as one ``torch.compile``'d graph (faster on a GPU; the first chunks
-            and the first switch compile: 9-35 s in all on an H200, docs/PERF.md). Needs
-            ``rope_kind="float32"``. With the default ``attention`` it also picks
-            :func:`~gf_core.wan.fused_attention` and folds each prompt's zero padding
-            (:func:`~gf_core.wan.encode_text`: a short prompt attends to 64 rows, not 512).
-        overlap: hand out each chunk once the next one is queued, so the GPU never waits for the
-            host between chunks (None: on a CUDA device). A chunk's ``event["seconds"]`` is then
-            the GPU's time from the end of the previous chunk to the end of this one.
+        memory: a preset name ("grounded", "longlive", "self_forcing", "anchor_forcing",
+            "infinity_rope", "context_forcing") or a :class:`MemoryPolicy`.
+        config, options: the :class:`RunConfig` (size, seed, draw order, kernels, ...); options
+            replace its fields (``stream(model, segments, height=32, width=32)``).
+        generator, noise, attention: see :class:`Session`.
+
+    A chunk's ``event["seconds"]`` is, with overlap, the GPU's time from the end of the previous
+    chunk to the end of this one.
     """
-    policy = preset(memory, chunk_frames) if isinstance(memory, str) else memory
-    cfg = WanConfig.from_module(model)
-    model_dtype, model_device = _model_dtype_device(model)
-    dtype = dtype or model_dtype
-    device = torch.device(device) if device is not None else model_device
-    validate(cfg, segments, policy, height, width, batch_size, chunk_frames)
-    if noise_order not in ("reference", "chunk"):
-        raise ValueError(f"unknown noise order '{noise_order}'; use 'reference' or 'chunk'")
-    if rope_kind not in ("float32", "complex128"):
-        raise ValueError(f"unknown RoPE precision '{rope_kind}'; use 'float32' or 'complex128'")
-    fold_text = False  # a fused run with the default attention folds each prompt's padding (encode_text)
-    if fused:
-        check_fused(rope_kind, device)
-        if attention is sdpa_attention:
-            attention = fused_attention(device)
-            fold_text = True
-
-    plan = chunk_plan(segments, chunk_frames)
-    total = plan[-1][0] + chunk_frames
-    lat_h, lat_w = height // SPATIAL_DOWNSCALE, width // SPATIAL_DOWNSCALE
-    grid_hw = (lat_h // cfg.patch_size[1], lat_w // cfg.patch_size[2])
-    schedule = schedule or Schedule.few_step()
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    gen_device = generator.device
-    out_device = torch.device(output_device) if output_device is not None else device
-    overlap = device.type == "cuda" if overlap is None else overlap
-    timed = device.type == "cuda"
-
-    if noise is not None:
-        expected = (batch_size, total, LATENT_CHANNELS, lat_h, lat_w)
-        if tuple(noise.shape) != expected:
-            raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit; expected {expected}")
-        initial = noise
-        # draw (and drop) the initial noise anyway, so the re-noise draws stay those of the seed
-        torch.randn(expected, generator=generator, device=gen_device, dtype=dtype)
-    elif noise_order == "reference":
-        initial = torch.randn(
-            (batch_size, total, LATENT_CHANNELS, lat_h, lat_w), generator=generator, device=gen_device, dtype=dtype
-        )
-        # kept on the host: the device then holds nothing that grows with the video's length
-        initial = initial.cpu()
-    else:
-        initial = None
-
-    rope = RopeTable(cfg.head_dim)
-    mem = Memory(policy, chunk_frames, cfg.num_layers, scratch=chunk_frames if fused else 0)
-    timesteps = schedule.timesteps.to(device)
-    sigmas = schedule.sigmas.to(device)
-    text: TextContext | None = None
-    text_segment = -1
-
-    def prompt_text(k: int) -> TextContext:
-        prompt = segments[k].prompt
-        p = upload(prompt, device).to(dtype)
-        return encode_text(model, p.expand(batch_size, -1, -1), cfg.text_len,
-                           fold_from=padding_start(prompt) if fold_text else None)
-
-    def encode_frames(latents: torch.Tensor, query_index: list[int], context: ContextSource | None,
-                      own_keys_from: int = 0, on_kv=None) -> None:
-        t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
-        forward_chunk(model, latents, t, text, context, query_index, rope, rope_kind, attention,
-                      compute_output=False, own_keys_from=own_keys_from, on_kv=on_kv, fused=fused)
-
-    def source_for(slots: list[int], indices: list[int]) -> ContextSource:
-        return ContextSource(mem.store, slots, rope.frequencies(indices, *grid_hw, rope_kind, device))
-
-    pending: list[tuple[ChunkResult, torch.cuda.Event | None, float]] = []
-    last_done = torch.cuda.Event(enable_timing=True) if timed else None
-    if last_done is not None:
-        last_done.record()
-
-    def finish() -> ChunkResult:
-        """The oldest queued chunk, once its latents are on the output device."""
-        nonlocal last_done
-        result, done, began = pending.pop(0)
-        if done is not None:
-            done.synchronize()
-            result.event["seconds"] = round(last_done.elapsed_time(done) / 1e3, 4)
-            last_done = done
-        else:
-            result.event["seconds"] = round(time.perf_counter() - began, 4)
-        if result.latents.is_pinned():
-            result.latents = result.latents.clone()  # the pinned staging buffer goes back to the cache
-        return result
-
-    with torch.inference_mode():
-        for c, (start, k) in enumerate(plan):
-            try:
-                began = time.perf_counter()
-                switch = None
-                if k != text_segment:
-                    text = prompt_text(k)
-                    if text_segment >= 0:
-                        switch = apply_switch(mem, segments[k].transition, start, encode_frames, source_for)
-                    text_segment = k
-                attend = mem.plan(start, chunk_frames)
-                source = mem.source(attend, rope, rope_kind, grid_hw) if attend.keys else None
-                query = attend.query_index
-
-                if initial is not None:
-                    x = upload(initial[:, start:start + chunk_frames], device).to(dtype)
-                else:
-                    x = upload(torch.randn((batch_size, chunk_frames, LATENT_CHANNELS, lat_h, lat_w),
-                                           generator=generator, device=gen_device, dtype=dtype), device)
-                x = x.permute(0, 2, 1, 3, 4)  # -> [B, C, F, h, w]
-                for i in range(len(schedule)):
-                    t = timesteps[i].expand(batch_size)
-                    velocity, _ = forward_chunk(model, x, t, text, source, query, rope, rope_kind, attention,
-                                                fused=fused)
-                    x0 = to_x0(x, velocity, sigmas[i])
-                    if i + 1 < len(schedule):
-                        eps = upload(torch.randn((batch_size * chunk_frames, LATENT_CHANNELS, lat_h, lat_w),
-                                                 generator=generator, device=gen_device, dtype=dtype), device)
-                        eps = eps.view(batch_size, chunk_frames, LATENT_CHANNELS, lat_h, lat_w).permute(0, 2, 1, 3, 4)
-                        x = renoise(x0, eps, sigmas[i + 1])
-                attended = {}
-                for (name, f), index in zip(attend.keys, attend.key_index):
-                    attended.setdefault(name, []).append([f.index, index])
-                changes, writes = mem.admit(start, x0, k)
-                t = torch.full((batch_size,), schedule.context_timestep, device=device, dtype=torch.float32)
-                forward_chunk(model, x0, t, text, source, query, rope, rope_kind, attention,
-                              compute_output=False, on_kv=mem.store.writer(writes, chunk_frames), fused=fused)
-                out = start_download(x0, out_device)
-                done = None
-                if timed:
-                    done = torch.cuda.Event(enable_timing=True)
-                    done.record()
-                event = {
-                    "chunk": c,
-                    "frames": [start, start + chunk_frames],
-                    "segment": k,
-                    "switch": switch,
-                    "rope": {"keys": attended, "query": attend.query_index},
-                    "memory": mem.snapshot(),
-                    **changes,
-                }
-            except Exception:
-                if pending:  # what was finished is handed out before the error
-                    yield finish()
-                raise
-            pending.append((ChunkResult(c, start, k, out, event), done, began))
-            if not overlap or len(pending) > 1:
-                yield finish()
-        while pending:
-            yield finish()
+    session = Session(model, memory, config, segments=segments, generator=generator, noise=noise,
+                      attention=attention, **options)
+    yield from session.play()
 
 
-def generate(model: nn.Module, segments: list[Segment], memory: str | MemoryPolicy = "grounded", **options) -> GenerationResult:
+def generate(model: nn.Module, segments: list[Segment], memory: str | MemoryPolicy = "grounded",
+             config: RunConfig | None = None, **options) -> GenerationResult:
     """Run :func:`stream` to the end; returns all latents [B, 16, F, H/8, W/8] and the events."""
     chunks, events = [], []
-    for chunk in stream(model, segments, memory, **options):
+    for chunk in stream(model, segments, memory, config, **options):
         chunks.append(chunk.latents)
         events.append(chunk.event)
     return GenerationResult(torch.cat(chunks, dim=2), events)

@@ -12,17 +12,16 @@ Shapes: latents ``[B, C, F, H, W]`` (C = 16, H and W in latent pixels); tokens `
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from . import rope_kernel
-from .rope import RopeTable, apply_rope, real_freqs, rotate_real
+from .rope import RopeTable, apply_rope
 from .transfer import upload
 
 HEAD_DIM = 128
@@ -210,81 +209,6 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return out.transpose(1, 2)
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over [N, H, L, D] tensors that also returns each query's log-sum-exp [N, H, Lq] (float32):
-    cuDNN's fused kernel on a GPU, PyTorch's flash kernel on a CPU."""
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-    return out, lse.reshape(q.shape[:3])
-
-
-def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: int) -> torch.Tensor:
-    """:func:`sdpa_attention` with the keys split into ``parts`` equal runs that one batched kernel
-    attends to side by side; the partial results are merged by their log-sum-exp in float32.
-
-    Exact up to rounding (each part's output is rounded once before the merge). It gives the GPU
-    ``parts`` times as many query tiles at once: a chunk of 4,680 queries over 12 heads fills 3.3
-    waves of an H100/H200's 132 processors, so its last wave runs a third full. Falls back to one
-    call when the keys do not divide evenly.
-    """
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    if parts <= 1 or lk % parts:
-        return sdpa_attention(q, k, v)
-    qs = q.unsqueeze(1).expand(b, parts, lq, h, d).reshape(b * parts, lq, h, d)
-    ks = k.reshape(b * parts, lk // parts, h, d)
-    vs = v.reshape(b * parts, lk // parts, h, d)
-    out, lse = attention_with_lse(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2))
-    weight = torch.softmax(lse.unflatten(0, (b, parts)), dim=1).unsqueeze(-1)  # [B, parts, H, Lq, 1]
-    merged = (out.unflatten(0, (b, parts)).float() * weight).sum(dim=1)  # [B, H, Lq, D]
-    return merged.to(q.dtype).transpose(1, 2)
-
-
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-SPLIT_PREFIX = "split"
-
-
-def attention_backend(name: str = "auto") -> AttentionFn:
-    """SDPA pinned to one kernel family ("auto" lets PyTorch choose), or "splitN": attention to at least
-    twice as many keys as queries (a chunk reading its context) split into N runs of keys attended
-    side by side (:func:`split_attention`); other calls run as one."""
-    if name == "auto":
-        return sdpa_attention
-    if name.startswith(SPLIT_PREFIX) and name[len(SPLIT_PREFIX):].isdigit() and int(name[len(SPLIT_PREFIX):]) >= 1:
-        parts = int(name[len(SPLIT_PREFIX):])
-
-        def split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if k.shape[1] < 2 * q.shape[1]:  # self-attention without context, cross-attention: one call
-                return sdpa_attention(q, k, v)
-            return split_attention(q, k, v, parts)
-
-        return split
-    if name not in SDPA_BACKENDS:
-        raise ValueError(f"unknown attention backend '{name}'; use one of {', '.join(SDPA_BACKENDS)} or splitN (N >= 1)")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-
-    def pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        with sdpa_kernel(backend):
-            return sdpa_attention(q, k, v)
-
-    return pinned
-
-
-def fused_attention(device: torch.device | str) -> AttentionFn:
-    """The attention fused runs use: on a Hopper GPU (an H100/H200, where PyTorch picks cuDNN's
-    kernel) a chunk's attention to its context is split in two runs of keys ("split2", measured on
-    an H200: 1.01 -> 0.95 ms per call, docs/PERF.md); elsewhere plain SDPA, as nothing was measured there."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return attention_backend("split2")
-    return sdpa_attention
-
-
 def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """:func:`sdpa_attention` with ``bias`` [Lk] (in q's dtype) added to every query's logits."""
     b, lq, h, _ = q.shape
@@ -347,15 +271,6 @@ class Context:
     slots: torch.Tensor
     freqs: torch.Tensor
     whole_freqs: torch.Tensor | None = None  # set when ``slots`` are every memory slot: rotations in slot order
-    whole_index: list[int] | None = None  # with ``whole_freqs``: the slots' temporal indices, in slot order
-
-
-@dataclass
-class ChunkKV:
-    """Raw (pre-RoPE) keys and values of the frames a forward computed, per block: [B, L, H, D]."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
 
 
 def sinusoid(freq_dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -390,8 +305,8 @@ def encode_text(model: nn.Module, embeds: torch.Tensor, text_len: int = 512, fol
     first multiple of ``FOLD_MULTIPLE`` past ``fold_from`` are kept, with :func:`fold_bias`; a
     24-token prompt attends to 64 rows instead of 512. Exact up to rounding.
     """
-    cfg = WanConfig.from_module(model)
     b, length, _ = embeds.shape
+    heads = WanConfig.from_module(model).num_heads
     if length >= text_len:
         embeds = embeds[:, :text_len]
     else:
@@ -400,8 +315,8 @@ def encode_text(model: nn.Module, embeds: torch.Tensor, text_len: int = 512, fol
     keys, values = [], []
     for block in model.blocks:
         attn = block.cross_attn
-        keys.append(attn.norm_k(attn.k(ctx)).view(b, -1, cfg.num_heads, cfg.head_dim))
-        values.append(attn.v(ctx).view(b, -1, cfg.num_heads, cfg.head_dim))
+        keys.append(rearrange(attn.norm_k(attn.k(ctx)), "b l (h d) -> b l h d", h=heads))
+        values.append(rearrange(attn.v(ctx), "b l (h d) -> b l h d", h=heads))
     kept = text_len if fold_from is None else folded_rows(fold_from)
     if kept >= text_len:
         return TextContext(keys, values)
@@ -413,6 +328,52 @@ def encode_text(model: nn.Module, embeds: torch.Tensor, text_len: int = 512, fol
     return text
 
 
+class TextKV(NamedTuple):
+    """One block's prompt keys and values [B, L, H, D] and a folded prompt's logit offsets [L] (or None)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class BlockContext(NamedTuple):
+    """What a block attends to before its own tokens: stored raw keys [B, S, T, H, D] and values
+    [B, S (+ F), T, H, D], the ``slots`` [N] to gather in order, and the rotations of the N*T keys.
+    ``slots`` None reads every stored slot in place: ``values`` then has F scratch slots after
+    the store's for the chunk's own values, and the rotations cover the S*T keys in slot order."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor | None
+    freqs: torch.Tensor
+
+
+class BlockOps(NamedTuple):
+    """The kernels a block calls: the rotation, the attention and whether the FFN's GELU is the
+    epilogue of its first product (:class:`Kernels`)."""
+
+    rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    attention: AttentionFn
+    gelu_in_product: bool
+
+
+def patchify(patch: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, F, H, W] -> tokens [B, F*h*w, dim] through the patch embedding, token-major
+    (as a view of the conv output they would be channel-major, and every norm would then read its
+    rows with a stride)."""
+    if patch.weight.dtype == torch.float32 and x.dtype != torch.float32:
+        h = patch(x.float()).to(x.dtype)  # ComfyUI keeps this layer in float32 and runs it so
+    else:
+        h = patch(x)
+    return rearrange(h, "b c f h w -> b (f h w) c").contiguous()
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, ...], channels: int) -> torch.Tensor:
+    """[B, F, h*w, C*pt*ph*pw] tokens -> latents [B, C, F*pt, h*ph, w*pw]."""
+    pt, ph, pw = patch
+    return rearrange(x, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)", h=grid[1], p=pt, q=ph, r=pw, c=channels)
+
+
 def forward_chunk(
     model: nn.Module,
     x: torch.Tensor,
@@ -422,113 +383,87 @@ def forward_chunk(
     query_index: list[int] | torch.Tensor,
     rope: RopeTable,
     rope_kind: str = "complex128",
-    attention: AttentionFn = sdpa_attention,
-    capture_kv: bool = False,
+    kernels: Kernels | None = None,
     compute_output: bool = True,
     own_keys_from: int = 0,
     on_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-    fused: bool = False,
-) -> tuple[torch.Tensor | None, ChunkKV | None]:
+) -> torch.Tensor | None:
     """One causal forward of a chunk of latent frames.
 
     Args:
         x: latents [B, C, F, H, W] in the run dtype.
         timestep: [B] diffusion timesteps (fractional; every frame of the chunk shares it).
         text: the prompt's cross-attention K/V from :func:`encode_text`.
-        memory: rotated context K/V per block, attended to before the chunk itself.
+        memory: raw context K/V per block and their rotations, attended to before the chunk itself.
         query_index: temporal RoPE index of each frame of the chunk ([F] list or tensor).
-        capture_kv: return the chunk's raw keys and values of every block.
+        kernels: the run's kernel choices (default :data:`EAGER`).
         compute_output: run the head (a cache-writing pass can skip it).
         own_keys_from: the chunk attends to its own frames from this one on (LongLive's recache
             runs frames whose keys it then leaves out).
         on_kv: called as ``on_kv(block, k, v)`` with the chunk's raw K/V [B, L, H, D] of every block,
             after that block has read its context (so it may overwrite context slots).
-        fused: run each block as one ``torch.compile``'d graph (:func:`fused_block_step`): the same
-            function, with float32 RoPE in real arithmetic and the elementwise work fused.
 
     Returns:
-        The velocity prediction [B, C, F, H, W] (or None) and the captured K/V (or None).
+        The velocity prediction [B, C, F, H, W], or None without ``compute_output``.
     """
+    kernels = kernels or EAGER
     cfg = WanConfig.from_module(model)
     b, _, frames, height, width = x.shape
-    pt, ph, pw = cfg.patch_size
-    heads = cfg.num_heads
-    if fused and rope_kind == "complex128":
-        raise ValueError("fused blocks rotate in float32; use rope_kind 'float32' with fused=True")
-    grid = (frames // pt, height // ph, width // pw)
+    grid = (frames // cfg.patch_size[0], height // cfg.patch_size[1], width // cfg.patch_size[2])
     tokens_per_frame = grid[1] * grid[2]
 
-    patch = model.patch_embedding
-    if patch.weight.dtype == torch.float32 and x.dtype != torch.float32:
-        h = patch(x.float()).to(x.dtype)  # ComfyUI keeps this layer in float32 and runs it so
-    else:
-        h = patch(x)
-    # [B, L, dim], made token-major: as a view of the conv output it is channel-major, and the
-    # compiled blocks keep that layout, so every norm would read its rows with a stride
-    h = h.flatten(2).transpose(1, 2).contiguous()
+    h = patchify(model.patch_embedding, x)
     t = timestep.reshape(b, 1).expand(b, grid[0]).reshape(-1)
     e = model.time_embedding(sinusoid(cfg.freq_dim, t).type_as(h))  # [B*F, dim]
     e0 = model.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, grid[0]))  # [B, F, 6, dim]
 
-    freqs = rope.frequencies(query_index, grid[1], grid[2], rope_kind, x.device)
-    step, rotate = (fused_block_step(), rotate_real) if fused else (block_step, apply_rope)
-    gelu_in_product = fused and product_gelu_is_tanh(x.device)
-    converted: dict[int, torch.Tensor] = {}
-
-    def rotations(f: torch.Tensor) -> torch.Tensor:
-        if not fused:
-            return f
-        if id(f) not in converted:  # the memory gives every block the same table
-            converted[id(f)] = real_freqs(f)
-        return converted[id(f)]
-
-    freqs = rotations(freqs)
-    kernel = fused and rope_kernel.available(x.device)
-    axes: list[tuple[torch.Tensor, ...]] = []
-
-    def context_rotations(ctx: Context) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """What a block reading the store in place rotates its keys with: on a GPU with Triton, the
-        axis tables of the context's frames and then the chunk's (:func:`rope_kernel.rotate_cat`)."""
-        if not kernel or ctx.whole_index is None:
-            return rotations(ctx.whole_freqs)
-        if not axes:  # the memory gives every block the same frames
-            own = query_index.tolist() if isinstance(query_index, torch.Tensor) else list(query_index)
-            axes.append(rope.axis_rotations(ctx.whole_index + own, grid[1], grid[2], x.device))
-        return axes[0]
-
-    captured_k: list[torch.Tensor] = []
-    captured_v: list[torch.Tensor] = []
+    tables = _table_converter(kernels.rotation_table)
+    freqs = tables(rope.frequencies(query_index, grid[1], grid[2], rope_kind, x.device))
+    ops = BlockOps(kernels.rotate, kernels.attention, kernels.gelu_in_product)
     last = len(model.blocks) - 1
     for i, block in enumerate(model.blocks):
-        ctx = memory.context(i) if memory is not None else None
-        if ctx is None:
-            ctx_parts = (None,) * 4
-        elif fused and ctx.whole_freqs is not None and not own_keys_from \
-                and ctx.values.shape[1] - ctx.keys.shape[1] == grid[0]:
-            # every memory slot, read in place; the chunk's values go to the scratch slots
-            ctx_parts = (ctx.keys, ctx.values, None, context_rotations(ctx))
-        else:
-            ctx_parts = (ctx.keys, ctx.values, ctx.slots, rotations(ctx.freqs))
+        context = _block_context(memory, i, kernels.read_in_place and not own_keys_from, tables, grid[0])
         keys_only = not compute_output and i == last
-        out, k, v = step(block, h, e0, grid[0], heads, freqs, text.keys[i], text.values[i], *ctx_parts, rotate,
-                         attention, own_keys_from * tokens_per_frame, keys_only, gelu_in_product, text.bias)
-        if capture_kv:
-            captured_k.append(k)
-            captured_v.append(v)
+        out, k, v = kernels.block(block, h, e0, grid[0], cfg.num_heads, freqs, TextKV(text.keys[i], text.values[i], text.bias),
+                                  context, ops, own_keys_from * tokens_per_frame, keys_only)
         if on_kv is not None:
             on_kv(i, k, v)  # after the block has read its context, so context slots may be overwritten
         if keys_only:
             break
         h = out
-
-    kv = ChunkKV(captured_k, captured_v) if capture_kv else None
     if not compute_output:
-        return None, kv
+        return None
 
     head = model.head
     hmod = (_param(head.modulation, h).unsqueeze(1) + e.unflatten(0, (b, grid[0])).unsqueeze(2)).chunk(2, dim=2)
     out = head.head(head.norm(h).unflatten(1, (grid[0], tokens_per_frame)) * (1 + hmod[1]) + hmod[0])
-    return unpatchify(out, grid, cfg.patch_size, cfg.out_dim), kv
+    return unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
+
+
+def _table_converter(convert: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``convert`` applied once per rotation table of a forward (the memory gives every block the same)."""
+    if convert is None:
+        return lambda table: table
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def converted(table: torch.Tensor) -> torch.Tensor:
+        if id(table) not in done:
+            done[id(table)] = (table, convert(table))  # (holding the table keeps its id unique)
+        return done[id(table)][1]
+
+    return converted
+
+
+def _block_context(memory: KeyValueSource | None, block: int, in_place: bool,
+                   tables: Callable[[torch.Tensor], torch.Tensor], frames: int) -> BlockContext | None:
+    """Block ``block``'s context: read in place where allowed and the memory offers every slot with room
+    for the chunk's values, else gathered."""
+    ctx = memory.context(block) if memory is not None else None
+    if ctx is None:
+        return None
+    if in_place and ctx.whole_freqs is not None and ctx.values.shape[1] - ctx.keys.shape[1] == frames:
+        return BlockContext(ctx.keys, ctx.values, None, tables(ctx.whole_freqs))
+    return BlockContext(ctx.keys, ctx.values, ctx.slots, tables(ctx.freqs))
 
 
 def block_step(
@@ -538,37 +473,24 @@ def block_step(
     frames: int,
     heads: int,
     freqs: torch.Tensor,
-    text_keys: torch.Tensor,
-    text_values: torch.Tensor,
-    context_keys: torch.Tensor | None,
-    context_values: torch.Tensor | None,
-    context_slots: torch.Tensor | None,
-    context_freqs: torch.Tensor | tuple[torch.Tensor, ...] | None,
-    rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    attention: AttentionFn,
+    text: TextKV,
+    context: BlockContext | None,
+    ops: BlockOps,
     own_from: int = 0,
     keys_only: bool = False,
-    gelu_in_product: bool = False,
-    text_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """One DiT block over a chunk's tokens h [B, L, dim]; returns (new h or None, raw k, v [B, L, H, D]).
 
     ``e0`` [B, frames, 6, dim] is the time projection; ``freqs`` the chunk's rotations; the chunk
-    attends to the context (the parts of a :class:`Context`, or four Nones) and then to its own
-    tokens from ``own_from`` on. Without ``context_slots`` the context is every stored slot in
-    order, and ``context_values`` has ``frames`` scratch slots after them for the chunk's values;
-    ``context_freqs`` is then either per-token rotations or the axis tables of
-    :meth:`~gf_core.rope.RopeTable.axis_rotations` for the context's frames and the chunk's
-    (:func:`~gf_core.rope_kernel.rotate_cat`).
+    attends to ``context`` and then to its own tokens from token ``own_from`` on.
     ``keys_only`` stops once the raw K/V are known (the last block of a cache-writing pass).
-    ``gelu_in_product`` applies the FFN's GELU in its first product (:func:`feed_forward`);
-    ``text_bias`` is a folded prompt's logit offsets (:class:`TextContext`).
     """
     b, length, dim = h.shape
     tokens = length // frames
     hd = dim // heads
     mod = (_param(block.modulation, h).unsqueeze(1) + e0).chunk(6, dim=2)  # each [B, F, 1, dim]
     shift, scale, gate, c_shift, c_scale, c_gate = mod
+    rotate, attention = ops.rotate, ops.attention
 
     y = (block.norm1(h).unflatten(1, (frames, tokens)) * (1 + scale) + shift).flatten(1, 2)
     sa = block.self_attn
@@ -578,20 +500,16 @@ def block_step(
     if keys_only:
         return None, k, v
     q_rot = rotate(q, freqs)
-    if context_keys is not None and context_slots is None:  # (own_from is 0 here)
-        context_values[:, context_keys.shape[1]:] = v.view(b, frames, tokens, heads, hd)
-        if isinstance(context_freqs, tuple):  # axis tables: one kernel rotates and concatenates
-            cat = rope_kernel.rotate_cat if k.is_cuda else rope_kernel.rotate_cat_reference
-            k_all = cat(context_keys, k, *context_freqs)
-        else:
-            k_all = torch.cat([rotate(context_keys.flatten(1, 2), context_freqs), rotate(k, freqs)], dim=1)
-        v_all = context_values.flatten(1, 2)
+    if context is not None and context.slots is None:  # every slot in place (own_from is 0 here)
+        context.values[:, context.keys.shape[1]:] = v.view(b, frames, tokens, heads, hd)
+        k_all = torch.cat([rotate(context.keys.flatten(1, 2), context.freqs), rotate(k, freqs)], dim=1)
+        v_all = context.values.flatten(1, 2)
     else:
         k_own, v_own = rotate(k, freqs)[:, own_from:], v[:, own_from:]
-        if context_keys is not None:
-            ck = context_keys.index_select(1, context_slots).flatten(1, 2)
-            cv = context_values.index_select(1, context_slots).flatten(1, 2)
-            k_all = torch.cat([rotate(ck, context_freqs), k_own], dim=1)
+        if context is not None:
+            ck = context.keys.index_select(1, context.slots).flatten(1, 2)
+            cv = context.values.index_select(1, context.slots).flatten(1, 2)
+            k_all = torch.cat([rotate(ck, context.freqs), k_own], dim=1)
             v_all = torch.cat([cv, v_own], dim=1)
         else:
             k_all, v_all = k_own, v_own
@@ -601,14 +519,14 @@ def block_step(
 
     ca = block.cross_attn
     qc = ca.norm_q(ca.q(block.norm3(h))).view(b, -1, heads, hd)
-    if text_bias is None:
-        yc = attention(qc, text_keys, text_values)
+    if text.bias is None:
+        yc = attention(qc, text.keys, text.values)
     else:
-        yc = biased_attention(qc, text_keys, text_values, text_bias)
+        yc = biased_attention(qc, text.keys, text.values, text.bias)
     h = h + ca.o(yc.flatten(2))
 
     x = (block.norm2(h).unflatten(1, (frames, tokens)) * (1 + c_scale) + c_shift).flatten(1, 2)
-    y = feed_forward(block.ffn, x, gelu_in_product)
+    y = feed_forward(block.ffn, x, ops.gelu_in_product)
     h = h + (y.unflatten(1, (frames, tokens)) * c_gate).flatten(1, 2)
     return h, k, v
 
@@ -630,77 +548,30 @@ def feed_forward(ffn: nn.Module, x: torch.Tensor, gelu_in_product: bool = False)
     return ffn(x)
 
 
-_TANH_EPILOGUE: dict[torch.device, bool] = {}
+@dataclass(frozen=True)
+class Kernels:
+    """The kernel choices of a run, made once (:func:`gf_core.kernels.choose`) and passed to every forward.
 
-
-def product_gelu_is_tanh(device: torch.device) -> bool:
-    """Whether ``torch._addmm_activation(..., use_gelu=True)`` applies Wan's tanh GELU on ``device``
-    (checked once per device on a small float32 product, where tanh and erf GELU differ by ~1e-4)."""
-    device = torch.device(device)
-    if device not in _TANH_EPILOGUE:
-        g = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(shape, generator=g).to(device) for shape in ((64, 64), (64, 64), (64,)))
-        with torch.inference_mode():
-            product = torch._addmm_activation(b, x, w.t(), use_gelu=True)
-            tanh = F.gelu(torch.addmm(b, x, w.t()), approximate="tanh")
-            erf = F.gelu(torch.addmm(b, x, w.t()))
-        err_tanh, err_erf = float((product - tanh).abs().max()), float((product - erf).abs().max())
-        _TANH_EPILOGUE[device] = err_tanh < 1e-4 < err_erf
-    return _TANH_EPILOGUE[device]
-
-
-class CompileError(RuntimeError):
-    """Fused blocks could not be compiled on this machine (raised before any block has run fused)."""
-
-
-_FUSED: list[Callable] = []
-
-
-def fused_block_step() -> Callable:
-    """:func:`block_step` compiled once per process with ``torch.compile`` (one graph per block call).
-
-    Every block shares the compiled code (modules are inlined, their weights are inputs); a new
-    shape (context size, frames, a keys-only pass) compiles once more, then recompiles with
-    dynamic sizes, so a long run compiles a few times at its start and never after. Compiled with
-    Inductor's ``multi_kernel`` where that works, else with the defaults; a :class:`CompileError`
-    when neither does.
+    Attributes:
+        name: "eager" or "fused" (for logs).
+        block: runs one DiT block: :func:`block_step`, or it compiled into one graph.
+        attention: unmasked attention over [B, L, H, D] tensors.
+        rotate: rotates [B, L, H, D] by per-token tables; ``rotation_table`` turns the complex
+            tables of :class:`~gf_core.rope.RopeTable` into what ``rotate`` takes (None: as they are).
+        gelu_in_product: the FFN's GELU is the epilogue of its first product (:func:`feed_forward`).
+        read_in_place: a block attending to every memory slot reads the store in place, with the
+            chunk's values in scratch slots after the store's (:class:`~gf_core.memory.FrameStore`).
+        fold_text: each prompt's zero padding is folded (:func:`encode_text`).
     """
-    if not _FUSED:
-        import torch._dynamo
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # Tuned first: Inductor's multi_kernel compiles each reduction (the norms over rows of 1536,
-        # which it otherwise loops over) both looped and persistent and runs the faster, picked on
-        # its first run (an H200: 278.6 -> 274.5 ms per chunk, docs/PERF.md; a CPU ignores it). Its
-        # on-disk cache of picks stays off: with PyTorch 2.11, reading it raised a TypeError inside
-        # Triton once a run compiled a second prompt. Where the tuned compile fails, the default is used.
-        os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
-        variants = [torch.compile(block_step, fullgraph=True, options={"triton.multi_kernel": 1}),
-                    torch.compile(block_step, fullgraph=True)]
-
-        def step(*args):
-            while True:
-                try:
-                    return variants[0](*args)
-                except Exception as e:
-                    if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                        raise
-                    if len(variants) > 1:
-                        variants.pop(0)
-                        continue
-                    raise CompileError(
-                        f"fused blocks could not be compiled here ({type(e).__name__}); turn fused off, or "
-                        "install what torch.compile needs (Triton on a GPU, a C++ compiler on a CPU)"
-                    ) from e
-
-        _FUSED.append(step)
-    return _FUSED[0]
+    name: str = "eager"
+    block: Callable[..., tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = block_step
+    attention: AttentionFn = sdpa_attention
+    rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = apply_rope
+    rotation_table: Callable[[torch.Tensor], torch.Tensor] | None = None
+    gelu_in_product: bool = False
+    read_in_place: bool = False
+    fold_text: bool = False
 
 
-def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, ...], channels: int) -> torch.Tensor:
-    """[B, F, h*w, C*pt*ph*pw] tokens -> latents [B, C, F*pt, h*ph, w*pw]."""
-    b = x.shape[0]
-    x = x.reshape(b, *grid, *patch, channels)
-    x = torch.einsum("bfhwpqrc->bcfphqwr", x)
-    return x.reshape(b, channels, *(g * p for g, p in zip(grid, patch)))
-
+EAGER = Kernels()

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..gf_core import MemoryPolicy, grounded, longlive, self_forcing
-from ..gf_core.policies import anchor_forcing, context_forcing, infinity_rope
+from ..gf_core.policies import Apr, anchor_forcing, context_forcing, infinity_rope
 
 CHUNK_FRAMES = 3  # the chunk size the causal Wan models were trained with
 POLICIES = ("grounded", "longlive", "self_forcing", "infinity_rope", "context_forcing", "anchor_forcing")
@@ -74,14 +74,14 @@ def build_memory(
         _check_sink_window("LongLive", sink_frames, window_frames, 3, 12)
         memory = dataclasses.replace(
             longlive(sink_frames=sink_frames, window_frames=window_frames, global_sink=global_sink),
-            alpha_max=alpha_max, proximity_window=window,
+            apr=Apr(alpha_max, window),
         )
     elif policy == "infinity_rope":
         _check_sink_window("Infinity-RoPE", irope_sink_frames, irope_window_frames, 1, 6)
         memory = dataclasses.replace(
             infinity_rope(sink_frames=irope_sink_frames, window_frames=irope_window_frames,
                           chunk_frames=CHUNK_FRAMES, flush_keep=flush_keep, cut_index=cut_index),
-            alpha_max=alpha_max, proximity_window=window,
+            apr=Apr(alpha_max, window),
         )
     elif policy == "context_forcing":
         if cf_sink_frames < 1 or slow_frames < 1:
@@ -93,16 +93,16 @@ def build_memory(
         memory = dataclasses.replace(
             context_forcing(sink_frames=cf_sink_frames, slow_frames=slow_frames, fast_frames=fast_frames,
                             chunk_frames=CHUNK_FRAMES, tau=tau, promote_every=promote_every),
-            alpha_max=alpha_max, proximity_window=window,
+            apr=Apr(alpha_max, window),
         )
     elif policy == "anchor_forcing":
         _check_sink_window("Anchor Forcing", af_sink_frames, af_window_frames, 3, 12)
         memory = dataclasses.replace(
             anchor_forcing(sink_frames=af_sink_frames, window_frames=af_window_frames, chunk_frames=CHUNK_FRAMES),
-            alpha_max=alpha_max, proximity_window=window,
+            apr=Apr(alpha_max, window),
         )
     else:
-        memory = dataclasses.replace(self_forcing(), alpha_max=alpha_max, proximity_window=window)
+        memory = dataclasses.replace(self_forcing(), apr=Apr(alpha_max, window))
     memory.validate(CHUNK_FRAMES)
     return memory
 

@@ -10,6 +10,7 @@ import folder_paths
 import latent_preview
 from comfy_api.latest import io
 
+from ..gf_core.config import check_fits
 from . import sampling
 from .policy import apply_rope, rope_options
 from .sockets import CATEGORY, Memory, Segments
@@ -52,10 +53,10 @@ class GFSampler(io.ComfyNode):
                                        "does (same seed, same video). chunk: draw it per chunk (nothing grows with "
                                        "the length; a different video for the same seed)."),
                 io.Combo.Input("fused", options=list(sampling.FUSED_CHOICES), default="auto", optional=True,
-                               tooltip="Compile each DiT block into one fused graph (torch.compile): 45.4 "
-                                       "instead of 28.2 pixel frames/s on an H200, after 9-35 s of compiling in "
-                                       "the first run; the video differs by rounding only. auto: where it can run (an NVIDIA GPU with "
-                                       "Triton, GF DR-RoPE precision float32), and unfused if compiling fails; "
+                               tooltip="Compile each DiT block into one fused graph (torch.compile): faster on a "
+                                       "GPU after some seconds of compiling in the first run (docs/PERF.md); the "
+                                       "video differs by rounding only. auto: where it can run (an NVIDIA GPU with "
+                                       "Triton, GF DR-RoPE precision float32), and uncompiled if compiling fails; "
                                        "on: always (an error says what is missing); off: never."),
             ],
             outputs=[
@@ -70,12 +71,13 @@ class GFSampler(io.ComfyNode):
                 noise_order: str, fused: str = "auto") -> io.NodeOutput:
         module = model.model.diffusion_model
         memory, rope_kind = apply_rope(memory, rope_options(model.model_options))
-        cfg = sampling.check(module, segments, memory, width, height, batch_size, noise_order, fused, rope_kind,
-                             model.load_device)
-        dtype = _compute_dtype(model.model)
-        mm.load_models_gpu([model], memory_required=sampling.working_bytes(
-            cfg, memory, width, height, batch_size, dtype, sampling.resolve_fused(fused, rope_kind, model.load_device)))
-        device = model.load_device
+        device, dtype = model.load_device, _compute_dtype(model.model)
+        config = sampling.run_config(width, height, seed, batch_size, noise_order, fused, rope_kind, device, dtype)
+        cfg = sampling.check(module, segments, memory, config)
+        need = sampling.memory_estimate(cfg, memory, config, dtype, weight_bytes=model.model_size())
+        if device.type == "cuda":  # ComfyUI streams weights that do not fit, so they need not fit
+            check_fits(need, _available_bytes(device), offloadable_weights=True)
+        mm.load_models_gpu([model], memory_required=need.cache + need.activations)
         previewer = latent_preview.get_previewer(device, model.model.latent_format)
         pbar = comfy.utils.ProgressBar(sampling.chunk_count(segments))
 
@@ -90,11 +92,15 @@ class GFSampler(io.ComfyNode):
                                           latents, events)
 
         try:
-            result = sampling.sample(module, segments, memory, width=width, height=height, seed=seed,
-                                     batch_size=batch_size, noise_order=noise_order, rope_kind=rope_kind,
-                                     fused=fused, device=device, dtype=dtype, on_chunk=on_chunk,
+            result = sampling.sample(module, segments, memory, config, on_chunk=on_chunk,
                                      between_chunks=mm.throw_exception_if_processing_interrupted,
                                      keep_partial=keep_partial)
         finally:
             mm.soft_empty_cache()
         return io.NodeOutput({"samples": result.latents}, result.log)
+
+
+def _available_bytes(device) -> int:
+    """GPU memory free on ``device`` plus what ComfyUI's loaded models hold there (it unloads them as needed)."""
+    held = sum(m.model_loaded_memory() for m in mm.current_loaded_models if getattr(m, "device", None) == device)
+    return mm.get_free_memory(device) + held

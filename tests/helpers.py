@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 import gf_core as gf
 from gf_core.memory import Memory
-from gf_core.wan import ChunkKV
+from gf_core.wan import forward_chunk
 
 CFG = gf.WanConfig.tiny()
 SIZE = 32  # pixels; latent 4 x 4, patch grid 2 x 2
@@ -76,7 +77,35 @@ class ForwardCounter:
 
 def stream_memory(gen) -> Memory:
     """The :class:`Memory` of a suspended ``gf.stream`` generator (read-only inspection)."""
-    return gen.gi_frame.f_locals["mem"]
+    return gen.gi_frame.f_locals["session"].memory
+
+
+@dataclass
+class ChunkKV:
+    """Raw (pre-RoPE) keys and values of the frames a forward computed, per block: [B, L, H, D]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def capture_kv(*args, **kwargs) -> tuple[torch.Tensor | None, ChunkKV]:
+    """:func:`gf_core.wan.forward_chunk` that also returns the raw K/V of every block it ran."""
+    kv = ChunkKV([], [])
+
+    def keep(block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        kv.keys.append(k)
+        kv.values.append(v)
+
+    return forward_chunk(*args, on_kv=keep, **kwargs), kv
+
+
+def commit(mem: Memory, start: int, latents: torch.Tensor, kv: ChunkKV, segment: int = 0) -> dict:
+    """``mem.admit`` plus the writes from K/V captured by a forward; returns the event part (JSON)."""
+    admission = mem.admit(start, latents, segment)
+    on_kv = mem.store.writer(admission.writes, latents.shape[2])
+    for block, (k, v) in enumerate(zip(kv.keys, kv.values)):
+        on_kv(block, k, v)
+    return admission.to_json()
 
 
 # -- a model-free driver of Memory, for long runs ------------------------------------------------
@@ -109,7 +138,7 @@ def no_source(slots: list[int], indices: list[int]):
     raise AssertionError("only the LongLive recache asks for a context source")
 
 
-def fail_compiling(monkeypatch, wan_module, error_module: str = "torch._dynamo.exc") -> None:
+def fail_compiling(monkeypatch, kernels_module, error_module: str = "torch._dynamo.exc") -> None:
     """Make fused blocks fail to compile: ``torch.compile`` returns a function raising an error from
     ``error_module`` (where PyTorch's compile errors live), as on a machine without a compiler."""
 
@@ -123,5 +152,5 @@ def fail_compiling(monkeypatch, wan_module, error_module: str = "torch._dynamo.e
             raise BackendCompilerFailed("no compiler")
         return run
 
-    monkeypatch.setattr(wan_module, "_FUSED", [])
+    monkeypatch.setattr(kernels_module, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", failing_compile)

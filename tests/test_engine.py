@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from helpers import (
     LATENT,
     RUN,
     ForwardCounter,
+    capture_kv,
+    commit,
     initial_noise,
     prompt,
     stream_memory,
@@ -123,8 +127,8 @@ def test_chunked_cache_equals_block_causal_full_forward(model):
             assert plan.key_index == list(range(start)) and plan.query_index == list(range(start, start + chunk))
             source = mem.source(plan, rope, "complex128", GRID) if plan.keys else None
             query = torch.tensor(plan.query_index)
-            out, kv = forward_chunk(model, xc, timestep, text, source, query, rope, "complex128", capture_kv=True)
-            mem.commit(start, xc, kv, 0)
+            out, kv = capture_kv(model, xc, timestep, text, source, query, rope, "complex128")
+            commit(mem, start, xc, kv)
             outs.append(out)
         chunked = torch.cat(outs, dim=2)
         reference = _reference_forward(model, x, t, embeds, chunk)
@@ -133,7 +137,7 @@ def test_chunked_cache_equals_block_causal_full_forward(model):
     torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=1e-5)
     # the later chunks really depend on the cache: without it they differ
     with torch.inference_mode():
-        alone, _ = forward_chunk(model, x[:, :, 6:9], timestep, text, None, torch.arange(6, 9), rope, "complex128")
+        alone = forward_chunk(model, x[:, :, 6:9], timestep, text, None, torch.arange(6, 9), rope, "complex128")
     assert (alone - reference[:, :, 6:9]).abs().max() > 1e-3
 
 
@@ -148,12 +152,12 @@ def test_cache_holds_clean_kv_of_the_context_pass(model):
     with torch.inference_mode():
         text = encode_text(model, segs[0].prompt, CFG.text_len)
         zero = torch.zeros(1)
-        _, kv0 = forward_chunk(model, chunks[0].latents, zero, text, None, torch.arange(3), rope, "float32",
-                               capture_kv=True, compute_output=False)
+        _, kv0 = capture_kv(model, chunks[0].latents, zero, text, None, torch.arange(3), rope, "float32",
+                            compute_output=False)
         sink = [f.slot for f in mem.regions["sink"]]
         context = ContextSource(mem.store, sink, rope.frequencies(torch.arange(3), *GRID, "float32"))
-        _, kv1 = forward_chunk(model, chunks[1].latents, zero, text, context, torch.arange(3, 6), rope, "float32",
-                               capture_kv=True, compute_output=False)
+        _, kv1 = capture_kv(model, chunks[1].latents, zero, text, context, torch.arange(3, 6), rope, "float32",
+                            compute_output=False)
     local = [f.slot for f in mem.regions["local"]]
     for slots, kv in ((sink, kv0), (local, kv1)):
         torch.testing.assert_close(mem.store.keys[:, :, slots], torch.stack(kv.keys).unflatten(2, (3, -1)))
@@ -304,7 +308,7 @@ def test_reference_noise_order_by_hand(model):
         x = initial[:, 0:chunk].permute(0, 2, 1, 3, 4)
         for i in range(len(schedule)):
             t = schedule.timesteps[i].expand(batch)
-            velocity, _ = forward_chunk(model, x, t, text, None, torch.arange(chunk), rope, "float32")
+            velocity = forward_chunk(model, x, t, text, None, torch.arange(chunk), rope, "float32")
             x0 = to_x0(x, velocity, schedule.sigmas[i])
             if i + 1 < len(schedule):
                 eps = torch.randn(batch * chunk, 16, LATENT, LATENT, generator=g)
@@ -340,7 +344,9 @@ def test_given_initial_noise_with_same_seed_reproduces_seeded_run(model):
         (lambda: [gf.Segment(prompt(0), 6)], "longlive", {**RUN, "rope_kind": "fp16"}, "unknown RoPE precision"),
         (lambda: [gf.Segment(prompt(0), 6)], "longlive", {**RUN, "noise": torch.zeros(1, 5, 16, 4, 4)}, "noise of shape"),
         (lambda: [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("default"))],
-         dataclasses.replace(gf.longlive(), name="custom"), RUN, "LongLive recache needs"),
+         dataclasses.replace(gf.longlive(), recache=None), RUN, "'longlive' switch rule re-runs a window"),
+        (lambda: [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("default"))],
+         dataclasses.replace(gf.longlive(), name="custom"), RUN, None),  # a renamed preset runs as the preset
         (lambda: [gf.Segment(prompt(0), 6, gf.Transition("hard")), gf.Segment(prompt(1), 6, gf.Transition("default"))],
          "self_forcing", RUN, None),
         (lambda: [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("default"))],
@@ -471,7 +477,8 @@ def test_an_error_mid_run_hands_out_the_finished_chunks_first(model, monkeypatch
 
 
 def test_split_attention_equals_one_call():
-    from gf_core.wan import attention_backend, sdpa_attention, split_attention
+    from gf_core.kernels import attention_backend, split_attention
+    from gf_core.wan import sdpa_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 12, 2, 32, generator=g)
@@ -486,3 +493,78 @@ def test_split_attention_equals_one_call():
     torch.testing.assert_close(split(q, k, v), one, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="splitN"):
         attention_backend("split")
+
+
+# ---------------------------------------------------------------------------------------------
+# the event log's format: the same JSON as the stored log (tests/data/event_log_expected.json)
+
+
+def _event_log_cases() -> dict[str, tuple[list[gf.Segment], object]]:
+    def three(a, b, c, t1, t2):
+        return [gf.Segment(prompt(0), a), gf.Segment(prompt(1), b, gf.Transition(t1)),
+                gf.Segment(prompt(2), c, gf.Transition(t2))]
+
+    return {
+        "grounded": (three(12, 9, 12, "apr", "cut"), "grounded"),
+        "grounded_every_frame_hard": (three(12, 9, 9, "hard", "flush"), gf.grounded(candidates="every_frame")),
+        "longlive": (three(18, 15, 9, "default", "default"), "longlive"),
+        "infinity_rope": (three(12, 9, 12, "default", "cut"), "infinity_rope"),
+        "context_forcing": (three(36, 12, 12, "default", "cut"), "context_forcing"),
+        "anchor_forcing": (three(15, 15, 15, "default", "default"), "anchor_forcing"),
+    }
+
+
+def test_event_log_is_the_stored_json(model):
+    """Every event of six runs (each policy, every switch kind) serialises to the stored JSON line
+    for line, key order included; only the timing ``seconds`` is left out."""
+    stored = json.loads((Path(__file__).parent / "data" / "event_log_expected.json").read_text())
+    for name, (segments, policy) in _event_log_cases().items():
+        events = gf.generate(model, segments, policy, seed=1, **RUN).events
+        assert all(isinstance(e["seconds"], float) for e in events)
+        lines = [json.dumps({k: v for k, v in e.items() if k != "seconds"}) for e in events]
+        assert lines == stored[name], name
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-chunk session (live steering builds on it)
+
+
+@pytest.mark.parametrize("policy", ["grounded", "longlive", "anchor_forcing"])
+def test_a_session_stepped_segment_by_segment_equals_generate(model, policy):
+    """With the chunk draw order a session needs no total length, and stepping it chunk by chunk
+    under each segment in turn replays ``generate`` bit for bit, events included."""
+    segments = [gf.Segment(prompt(0), 9), gf.Segment(prompt(1), 6, gf.Transition("apr")),
+                gf.Segment(prompt(2), 6, gf.Transition("cut")), gf.Segment(prompt(3), 6)]
+    whole = gf.generate(model, segments, policy, seed=4, noise_order="chunk", **RUN)
+    session = gf.Session(model, policy, gf.RunConfig(seed=4, noise_order="chunk", **RUN))
+    chunks = []
+    for segment in segments:
+        for _ in range(segment.frames // 3):
+            chunks.append(session.step(segment))
+    session.close()
+    assert session.frames == 27 and [c.index for c in chunks] == list(range(9))
+    assert torch.equal(torch.cat([c.latents for c in chunks], dim=2), whole.latents)
+    assert [{**c.event, "seconds": 0} for c in chunks] == [{**e, "seconds": 0} for e in whole.events]
+    with pytest.raises(RuntimeError, match="closed"):
+        session.step(segments[-1])
+
+
+def test_a_session_applies_a_transition_only_for_a_new_segment_object(model):
+    a, b = gf.Segment(prompt(0), 3), gf.Segment(prompt(1), 3, gf.Transition("hard"))
+    session = gf.Session(model, "grounded", noise_order="chunk", **RUN)
+    events = [session.step(s).event for s in (a, a, b, b)]
+    assert [e["segment"] for e in events] == [0, 0, 1, 1]
+    assert [e["switch"] and e["switch"]["kind"] for e in events] == [None, None, "hard", None]
+
+
+def test_a_session_without_a_plan_needs_the_chunk_draw_order(model):
+    counter = ForwardCounter(model)
+    try:
+        with pytest.raises(gf.BadInput, match="'reference' noise order draws the whole video's noise first"):
+            gf.Session(model, "grounded", **RUN)
+        session = gf.Session(model, "longlive", noise_order="chunk", **RUN)
+        with pytest.raises(gf.BadInput, match="segment 1: prompt embedding of shape"):
+            session.step(gf.Segment(torch.zeros(1, 8, CFG.text_dim + 1), 3))
+    finally:
+        counter.close()
+    assert counter.calls == 0

@@ -1,6 +1,6 @@
-"""Fused blocks (``fused=True``): each DiT block as one torch.compile'd graph computes the same
-video as the plain forward, for every kind of pass (denoising, cache writing, recache with
-leading frames left out, APR blends, cuts)."""
+"""Fused kernels (``kernels="fused"``): each DiT block as one torch.compile'd graph computes the same
+video as the eager forward, for every kind of pass (denoising, cache writing, recache with
+leading frames left out, APR blends, cuts); the kernel choice is one object (gf_core.kernels)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_fused_run_equals_the_plain_run(model, policy, transitions, compiler):
     segs = [gf.Segment(prompt(0), 15), gf.Segment(prompt(1), 9, gf.Transition(transitions[0])),
             gf.Segment(prompt(2), 6, gf.Transition(transitions[1]))]
     plain = gf.generate(model, segs, policy, seed=3, **RUN)
-    fused = gf.generate(model, segs, policy, seed=3, fused=True, **RUN)
+    fused = gf.generate(model, segs, policy, seed=3, kernels="fused", **RUN)
     rel = ((fused.latents - plain.latents).norm() / plain.latents.norm()).item()
     assert rel < 1e-5
     for a, b in zip(plain.events, fused.events):
@@ -47,81 +47,80 @@ def test_fused_run_equals_the_plain_run(model, policy, transitions, compiler):
 
 
 def test_fused_needs_float32_rope(model):
-    with pytest.raises(ValueError, match="rope_kind='float32'"):
-        next(gf.stream(model, [gf.Segment(prompt(0), 3)], "grounded", rope_kind="complex128", fused=True, **RUN))
+    with pytest.raises(ValueError, match="fused blocks rotate in float32, but the RoPE precision is complex128"):
+        next(gf.stream(model, [gf.Segment(prompt(0), 3)], "grounded", rope_kind="complex128", kernels="fused", **RUN))
+
+
+def _recording(monkeypatch, seen: list) -> None:
+    """Fused kernels whose block function records its arguments and runs uncompiled (to see the layout alone)."""
+    import gf_core.kernels as kernels
+    import gf_core.wan as wan
+
+    def recording_block(*args):
+        seen.append(args)
+        return wan.block_step(*args)
+
+    monkeypatch.setattr(kernels, "_compiled_block", recording_block)
 
 
 def test_in_place_context_is_used_in_the_steady_state_and_equals_gathering(model, monkeypatch):
     """Once the plan attends to every memory slot, a fused block reads the store in place (keys in
-    slot order, its own values in the scratch slots); run here without compiling, to see the
-    layout alone."""
-    import gf_core.wan as wan
-
-    modes = []
-
-    def recording_step(*args):
-        modes.append("in place" if args[8] is not None and args[10] is None else "other")
-        return wan.block_step(*args)
-
-    monkeypatch.setattr(wan, "fused_block_step", lambda: recording_step)
-    segs = [gf.Segment(prompt(0), 21)]
+    slot order, its own values in the scratch slots), through APR blends and a cut."""
+    seen: list = []
+    _recording(monkeypatch, seen)
+    segs = [gf.Segment(prompt(0), 21), gf.Segment(prompt(1), 9, gf.Transition("apr")),
+            gf.Segment(prompt(2), 9, gf.Transition("cut"))]
     plain = gf.generate(model, segs, "grounded", seed=5, **RUN)
-    in_place = gf.generate(model, segs, "grounded", seed=5, fused=True, **RUN)
+    in_place = gf.generate(model, segs, "grounded", seed=5, kernels="fused", **RUN)
+    modes = ["in place" if args[7] is not None and args[7].slots is None else "other" for args in seen]
     assert modes.count("in place") > 0 and modes.count("other") > 0
     torch.testing.assert_close(in_place.latents, plain.latents, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["grounded", "longlive"])
-def test_axis_table_context_equals_gathering(model, policy, monkeypatch):
-    """Where the rotate-and-concatenate kernel runs (a GPU with Triton), a block reading the store in
-    place gets the axis tables of its context's frames and its own (gf_core.rope_kernel); forced
-    here on a CPU, where the same operation runs in PyTorch, through APR blends and a cut."""
-    import gf_core.rope_kernel as rope_kernel
-    import gf_core.wan as wan
+def test_one_kernel_object_per_run():
+    """The setting is read once: eager kernels are the plain functions, fused ones name every choice."""
+    import gf_core.kernels as kernels
+    from gf_core.wan import EAGER, block_step, sdpa_attention
 
-    modes = []
-
-    def recording_step(*args):
-        if args[8] is not None and args[10] is None:
-            modes.append("axis tables" if isinstance(args[11], tuple) else "per-token table")
-        return wan.block_step(*args)
-
-    monkeypatch.setattr(wan, "fused_block_step", lambda: recording_step)
-    monkeypatch.setattr(rope_kernel, "available", lambda device: True)
-    segs = [gf.Segment(prompt(0), 15), gf.Segment(prompt(1), 9, gf.Transition("apr")),
-            gf.Segment(prompt(2), 9, gf.Transition("cut" if policy == "grounded" else "default"))]
-    plain = gf.generate(model, segs, policy, seed=5, **RUN)
-    tables = gf.generate(model, segs, policy, seed=5, fused=True, **RUN)
-    assert modes and set(modes) == {"axis tables"}
-    torch.testing.assert_close(tables.latents, plain.latents, atol=1e-5, rtol=1e-5)
+    eager = kernels.choose("eager", "cpu")
+    assert eager is EAGER and eager.block is block_step and eager.rotate is apply_rope
+    assert not (eager.read_in_place or eager.fold_text or eager.gelu_in_product) and eager.attention is sdpa_attention
+    fused = kernels.choose("fused", "cpu")
+    assert isinstance(fused.block, kernels.CompiledBlock) and fused.rotate is rotate_real
+    assert fused.rotation_table is real_freqs and fused.read_in_place and fused.fold_text
+    assert kernels.choose("auto", "cpu") is EAGER  # auto is fused only on a CUDA device
+    mine = kernels.choose("fused", "cpu", attention=sdpa_attention)
+    assert mine.attention is sdpa_attention and not mine.fold_text  # an attention the caller picked sees the whole prompt
+    with pytest.raises(ValueError, match="unknown kernel setting 'fast'; use one of eager, fused, auto"):
+        kernels.choose("fast", "cpu")
 
 
 def test_fused_on_a_gpu_without_triton_is_refused_in_one_sentence(monkeypatch):
     import importlib.util
 
-    from gf_core.stream import check_fused
+    from gf_core.kernels import fused_problem, resolve
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
-    with pytest.raises(ValueError, match="install triton .* or turn fused off"):
-        check_fused("float32", torch.device("cuda"))
-    check_fused("float32", torch.device("cpu"))  # the CPU compiler needs no Triton
+    with pytest.raises(ValueError, match="install triton .* or use the eager kernels"):
+        resolve("fused", torch.device("cuda"), "float32")
+    assert fused_problem(torch.device("cpu"), "float32") is None  # the CPU compiler needs no Triton
 
 
 def test_gelu_in_product_only_where_the_product_applies_tanh_gelu():
     """``_addmm_activation`` applies the exact GELU on a CPU, Wan's is the tanh one: the fused
     path keeps the separate GELU there (on a GPU the check decides, once per device)."""
-    from gf_core.wan import product_gelu_is_tanh
+    from gf_core.kernels import product_gelu_is_tanh
 
     assert product_gelu_is_tanh(torch.device("cpu")) is False
 
 
 def test_a_compile_failure_is_one_sentence(model, monkeypatch):
-    import gf_core.wan as wan
+    import gf_core.kernels as kernels
 
-    fail_compiling(monkeypatch, wan)
-    with pytest.raises(RuntimeError, match=r"could not be compiled here \(BackendCompilerFailed\); turn fused off"):
-        next(gf.stream(model, [gf.Segment(prompt(0), 3)], "grounded", fused=True, **RUN))
+    fail_compiling(monkeypatch, kernels)
+    with pytest.raises(RuntimeError, match=r"could not be compiled here \(BackendCompilerFailed\); use the eager"):
+        next(gf.stream(model, [gf.Segment(prompt(0), 3)], "grounded", kernels="fused", **RUN))
 
 
 def test_folded_padding_attends_as_the_whole_prompt(model):
@@ -149,25 +148,20 @@ def test_folded_padding_attends_as_the_whole_prompt(model):
 
 
 def test_fused_runs_fold_the_prompt_padding_and_plain_runs_do_not(model, monkeypatch):
-    import gf_core.wan as wan
+    from gf_core.kernels import attention_backend
 
-    folds = []
-
-    def recording_step(*args):
-        folds.append(args[-1] is not None)
-        return wan.block_step(*args)
-
-    monkeypatch.setattr(wan, "fused_block_step", lambda: recording_step)
+    seen: list = []
+    _recording(monkeypatch, seen)
     segs = [gf.Segment(prompt(0), 6), gf.Segment(prompt(1), 6, gf.Transition("apr"))]
-    gf.generate(model, segs, "grounded", seed=5, fused=True, **RUN)
-    assert folds and all(folds)
-    folds.clear()
-    gf.generate(model, segs, "grounded", seed=5, fused=True, attention=wan.attention_backend("math"), **RUN)
-    assert folds and not any(folds)  # an attention the caller picked sees the whole prompt
+    gf.generate(model, segs, "grounded", seed=5, kernels="fused", **RUN)
+    assert seen and all(args[6].bias is not None for args in seen)
+    seen.clear()
+    gf.generate(model, segs, "grounded", seed=5, kernels="fused", attention=attention_backend("math"), **RUN)
+    assert seen and not any(args[6].bias is not None for args in seen)  # an attention the caller picked sees the whole prompt
 
 
 def test_a_failing_tuned_compile_falls_back_to_the_default_one(model, monkeypatch):
-    import gf_core.wan as wan
+    import gf_core.kernels as kernels
 
     class BackendCompilerFailed(Exception):
         pass
@@ -184,10 +178,10 @@ def test_a_failing_tuned_compile_falls_back_to_the_default_one(model, monkeypatc
         compiled_with.append(kwargs)
         return plain_compile(fn, **kwargs)
 
-    monkeypatch.setattr(wan, "_FUSED", [])
+    monkeypatch.setattr(kernels, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", compile_failing_when_tuned)
     segs = [gf.Segment(prompt(0), 6)]
-    fused = gf.generate(model, segs, "grounded", seed=5, fused=True, **RUN)
+    fused = gf.generate(model, segs, "grounded", seed=5, kernels="fused", **RUN)
     plain = gf.generate(model, segs, "grounded", seed=5, **RUN)
     assert compiled_with == [{"fullgraph": True}]
     torch.testing.assert_close(fused.latents, plain.latents, atol=1e-5, rtol=1e-5)

@@ -12,22 +12,22 @@ import math
 
 import pytest
 import torch
-from helpers import CFG, RUN, ForwardCounter, StubKV, no_source, prompt, stream_memory
+from helpers import CFG, RUN, ForwardCounter, StubKV, capture_kv, commit, no_source, prompt, stream_memory
 
 import gf_core as gf
 from gf_core.memory import Memory, diversity_decision
 from gf_core.recache import apply_switch, proximity_alpha
 from gf_core.rope import RopeTable
-from gf_core.wan import encode_text, forward_chunk
+from gf_core.wan import encode_text
 
 
 def _commit(mem: Memory, stub: StubKV, start: int, latents: torch.Tensor | None = None) -> dict:
     latents = stub.latents(3) if latents is None else latents
-    return mem.commit(start, latents, stub.kv(3), segment=0)
+    return commit(mem, start, latents, stub.kv(3), segment=0)
 
 
 def _switch(mem: Memory, stub: StubKV, kind: str, start: int, **options) -> dict:
-    return apply_switch(mem, gf.Transition(kind, **options), start, stub.encode, no_source)
+    return apply_switch(mem, gf.Transition(kind, **options), start, stub.encode, no_source).to_json()
 
 
 def _layout(plan) -> tuple[dict[str, list[int]], list[int]]:
@@ -108,7 +108,7 @@ def test_two_thousand_chunks_stay_bounded():
         elif c and c % 50 == 0:
             event = _switch(mem, stub, "apr", start)
             assert set(event["alpha"]) == {f"{n}:{f.index}" for n, f in mem.frames()}
-            assert all(0.0 <= a <= policy.alpha_max for a in event["alpha"].values())
+            assert all(0.0 <= a <= policy.apr.alpha_max for a in event["alpha"].values())
             switches += 1
         plan = mem.plan(start, 3)
         indices = plan.key_index + plan.query_index
@@ -212,7 +212,7 @@ def test_diversity_update_inside_memory():
     _commit(mem, stub, 0, frames(_e(1), _e(0), _e(0) + 0.1 * _e(2)))
     mem.begin_turnover()
     kv = stub.kv(3)
-    changes = mem.commit(3, frames(_e(3), _e(1), _e(4)), kv, segment=1)
+    changes = commit(mem, 3, frames(_e(3), _e(1), _e(4)), kv, segment=1)
     first, second, third = changes["gcm_updates"]
     # frame 3 (e3) is new; anchors 1 and 2 are the redundant pair, the first of them goes
     assert (first["target"], first["replaced"], first["frame"]) == (1, 1, 3)
@@ -256,8 +256,8 @@ def test_apr_event_alphas_and_blend_in_a_real_run(model):
     with torch.inference_mode():
         text = encode_text(model, segs[1].prompt, CFG.text_len)
         index = torch.tensor([0, 0, 0, 3, 4, 5, 6, 7, 8])
-        _, kv = forward_chunk(model, lat, torch.zeros(1), text, None, index, RopeTable(CFG.head_dim), "float32",
-                              capture_kv=True, compute_output=False)
+        _, kv = capture_kv(model, lat, torch.zeros(1), text, None, index, RopeTable(CFG.head_dim), "float32",
+                           compute_output=False)
     k_new = torch.stack(kv.keys).unflatten(2, (9, -1))
     v_new = torch.stack(kv.values).unflatten(2, (9, -1))
 
@@ -343,16 +343,16 @@ def test_frame_store_does_not_grow_in_a_real_run(model):
     segs = [gf.Segment(prompt(0), 60), gf.Segment(prompt(1), 45, gf.Transition("apr")),
             gf.Segment(prompt(2), 45, gf.Transition("cut"))]
     gen = gf.stream(model, segs, "grounded", **RUN)
-    mem = None
+    stores = {}
     for c, chunk in enumerate(gen):
-        if c == 4:
+        if c in (4, 49):
             mem = stream_memory(gen)
-            store = [(t.data_ptr(), t.shape, t.numel()) for t in (mem.store.keys, mem.store.values, mem.store.latents)]
+            stores[c] = [(t.data_ptr(), t.shape, t.numel()) for t in (mem.store.keys, mem.store.values, mem.store.latents)]
+            # [layers, B, slots = 3 + 6, tokens_per_frame, heads, head_dim]
+            assert mem.store.keys.shape == (CFG.num_layers, 1, 9, 4, CFG.num_heads, CFG.head_dim)
         assert all(0 <= i < 21 for i in chunk.event["rope"]["query"])
-    assert c == 49
-    assert [(t.data_ptr(), t.shape, t.numel()) for t in (mem.store.keys, mem.store.values, mem.store.latents)] == store
-    # [layers, B, slots = 3 + 6, tokens_per_frame, heads, head_dim]
-    assert mem.store.keys.shape == (CFG.num_layers, 1, 9, 4, CFG.num_heads, CFG.head_dim)
+    assert c == 49 and stores[49] == stores[4]
+    assert mem.store.keys is None  # the finished stream dropped its store
 
 
 # ---------------------------------------------------------------------------------------------

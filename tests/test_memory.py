@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CFG, GRID, RUN, ForwardCounter, prompt, stream_memory
+from helpers import CFG, GRID, RUN, ForwardCounter, capture_kv, prompt, stream_memory
 
 import gf_core as gf
 from gf_core.memory import ContextSource
 from gf_core.rope import RopeTable
 from gf_core.stream import chunk_plan
-from gf_core.wan import encode_text, forward_chunk
+from gf_core.wan import encode_text
 
 
 def _pairs(frames) -> list[list[int]]:
@@ -104,8 +104,8 @@ def _recache_by_hand(model, latents, query_index, new_prompt, context):
     rope = RopeTable(CFG.head_dim)
     with torch.inference_mode():
         text = encode_text(model, new_prompt, CFG.text_len)
-        _, kv = forward_chunk(model, latents, torch.zeros(1), text, context, torch.tensor(query_index), rope,
-                              "float32", capture_kv=True, compute_output=False)
+        _, kv = capture_kv(model, latents, torch.zeros(1), text, context, torch.tensor(query_index), rope,
+                           "float32", compute_output=False)
     return torch.stack(kv.keys)  # [layers, B, N*T, H, D]
 
 

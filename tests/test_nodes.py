@@ -161,11 +161,11 @@ def test_build_memory_presets():
     g = policy.build_memory("grounded", gcm_frames=4, ltm_frames=8, gcm_update="every_frame", alpha_max=0.6,
                             d_window=10)
     assert g.region("gcm").frames == 4 and g.region("ltm").frames == 8
-    assert (g.candidates, g.alpha_max, g.proximity_window, g.window) == ("every_frame", 0.6, 10, 10)
+    assert (g.candidates, g.apr.alpha_max, g.apr.proximity_window, g.window) == ("every_frame", 0.6, 10, 10)
     assert policy.build_memory("grounded", ltm_frames=8).window == 8  # D_window 0 = the LTM size
     ll = policy.build_memory("longlive", sink_frames=3, window_frames=15, global_sink=False)
-    assert ll.name == "longlive" and ll.region("local").frames == 9 and not ll.global_sink
-    assert ll.recache_frames == 15 and ll.switch == "longlive"
+    assert ll.name == "longlive" and ll.region("local").frames == 9 and not ll.recache.global_sink
+    assert ll.recache.frames == 15 and ll.switch == "longlive"
     sf = policy.build_memory("self_forcing")
     assert sf.name == "self_forcing" and sf.max_frames == 21
 
@@ -276,7 +276,7 @@ def test_sampler_logic_makes_raw_latents_and_an_event_log(tiny_model):
     segments = story()
     memory = policy.build_memory("grounded")
     progress, checks = [], []
-    result = sampling.sample(tiny_model, segments, memory, width=32, height=48, seed=5,
+    result = sampling.sample(tiny_model, segments, memory, sampling.run_config(32, 48, 5, 1),
                              on_chunk=lambda i, total, chunk: progress.append((i, total, chunk.latents.shape[2])),
                              between_chunks=lambda: checks.append(1))
     assert result.latents.shape == (1, 16, 18, 6, 4) and result.latents.dtype == torch.float32
@@ -304,33 +304,36 @@ def test_sampler_applies_the_rope_patch(tiny_model):
     segments = story((18, 6, 6))
     bounded, kind = policy.apply_rope(gf.grounded(), policy.RopeOptions(rope_range=14))
     absolute, _ = policy.apply_rope(gf.grounded(), policy.RopeOptions(mode="absolute"))
-    run = sampling.sample(tiny_model, segments[:1], bounded, width=32, height=32, rope_kind=kind)
+    run = sampling.sample(tiny_model, segments[:1], bounded, sampling.run_config(32, 32, 0, 1, rope_kind=kind))
     queries = [e["rope"]["query"] for e in run.events]
     assert max(max(q) for q in queries) == 13  # the chunk pinned to the end of the range of 14
-    run = sampling.sample(tiny_model, segments[:1], absolute, width=32, height=32)
+    run = sampling.sample(tiny_model, segments[:1], absolute, sampling.run_config(32, 32, 0, 1))
     assert [e["rope"]["query"] for e in run.events][-1] == [15, 16, 17]
 
 
 def test_sampler_checks_before_running(tiny_model):
     segments = story()
     memory = gf.grounded()
+    def config(width=32, height=32, batch=1, noise_order="reference"):
+        return sampling.run_config(width, height, 0, batch, noise_order)
+
     with pytest.raises(ValueError, match="width 830 is not a multiple of 16; use 832"):
-        sampling.check(tiny_model, segments, memory, 830, 480, 1)
+        sampling.check(tiny_model, segments, memory, config(830, 480))
     with pytest.raises(ValueError, match="batch size 2 with the GCM diversity update"):
-        sampling.check(tiny_model, segments, memory, 32, 32, 2)
-    sampling.check(tiny_model, segments, policy.build_memory(gcm_update="frozen"), 32, 32, 2)
+        sampling.check(tiny_model, segments, memory, config(batch=2))
+    sampling.check(tiny_model, segments, policy.build_memory(gcm_update="frozen"), config(batch=2))
     with pytest.raises(ValueError, match="unknown noise order"):
-        sampling.check(tiny_model, segments, memory, 32, 32, 1, "random")
+        sampling.check(tiny_model, segments, memory, config(noise_order="random"))
     with pytest.raises(ValueError, match="holds at most 21 latent frames"):
-        sampling.check(tiny_model, story((12, 6, 6)), policy.build_memory("self_forcing"), 32, 32, 1)
+        sampling.check(tiny_model, story((12, 6, 6)), policy.build_memory("self_forcing"), config())
     wrong_text = prompts.add_segment(None, torch.zeros(1, 8, 4096), 6)
     with pytest.raises(ValueError, match="segment 1: prompt embedding of shape"):
-        sampling.check(tiny_model, wrong_text, memory, 32, 32, 1)
+        sampling.check(tiny_model, wrong_text, memory, config())
     i2v = gf.WanModel(gf.WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=1, text_dim=TEXT_DIM, in_dim=36))
     with pytest.raises(ValueError, match="takes 36 latent channels"):
-        sampling.check(i2v, segments, memory, 32, 32, 1)
+        sampling.check(i2v, segments, memory, config())
     with pytest.raises(ValueError, match="not a Wan2.1 DiT"):
-        sampling.check(torch.nn.Linear(2, 2), segments, memory, 32, 32, 1)
+        sampling.check(torch.nn.Linear(2, 2), segments, memory, config())
 
 
 def test_interrupted_run_keeps_the_finished_chunks(tiny_model, tmp_path):
@@ -352,14 +355,74 @@ def test_interrupted_run_keeps_the_finished_chunks(tiny_model, tmp_path):
         return saved["path"]
 
     with pytest.raises(Stop):
-        sampling.sample(tiny_model, story(), gf.grounded(), width=32, height=32, between_chunks=between,
-                        keep_partial=keep)
+        sampling.sample(tiny_model, story(), gf.grounded(), sampling.run_config(32, 32, 0, 1),
+                        between_chunks=between, keep_partial=keep)
     assert saved["latents"].shape[2] == 6  # two finished chunks
     with safe_open(saved["path"], "pt") as f:
         assert torch.equal(f.get_tensor("latent_tensor"), saved["latents"])
         assert "latent_format_version_0" in set(f.keys())  # core's Load Latent reads it unscaled
         events = [json.loads(x) for x in f.metadata()["grounded_forcing_events"].splitlines()]
     assert [e["chunk"] for e in events] == [0, 1]
+
+
+@pytest.mark.parametrize("stop_in", ["between_chunks", "on_chunk"])
+def test_a_cancel_with_overlap_keeps_every_finished_chunk(tiny_model, tmp_path, stop_in):
+    """Handed out one chunk late (overlap, as on a GPU), a stop from either callback still keeps the
+    chunk the GPU finished meanwhile: every chunk made is saved."""
+    import dataclasses
+
+    class Stop(Exception):
+        pass
+
+    made, seen = [], []
+    hook = tiny_model.head.head.register_forward_hook(lambda *_: made.append(1))  # once per denoising step
+
+    def stop_at_second(*_):
+        seen.append(1)
+        if len(seen) == 2:
+            raise Stop
+
+    saved = {}
+
+    def keep(latents, events):
+        saved["latents"], saved["events"] = latents, events
+        return sampling.write_partial(str(tmp_path), latents, events)
+
+    config = dataclasses.replace(sampling.run_config(32, 32, 0, 1), overlap=True)
+    callbacks = {"between_chunks": stop_at_second} if stop_in == "between_chunks" else {"on_chunk": stop_at_second}
+    try:
+        with pytest.raises(Stop):
+            sampling.sample(tiny_model, story(), gf.grounded(), config, keep_partial=keep, **callbacks)
+    finally:
+        hook.remove()
+    chunks_made = len(made) // 4
+    assert chunks_made == 3 and saved["latents"].shape[2] == 3 * chunks_made
+    assert [e["chunk"] for e in saved["events"]] == [0, 1, 2]
+
+
+def test_partial_files_never_overwrite_each_other(tmp_path):
+    latents = torch.zeros(1, 16, 3, 4, 4)
+    paths = {sampling.write_partial(str(tmp_path), latents + i, [{"chunk": i}]) for i in range(3)}
+    assert len(paths) == 3 and len(list(tmp_path.iterdir())) == 3  # the same second, three files
+    with safe_open(sorted(paths)[-1], "pt") as f:
+        assert f.get_tensor("latent_tensor").shape == (1, 16, 3, 4, 4)
+
+
+def test_a_failure_while_saving_is_reported_with_the_original_cause(tiny_model, caplog):
+    class Stop(Exception):
+        pass
+
+    def between():
+        raise Stop("cancelled")
+
+    def full_disk(latents, events):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(Stop) as info, caplog.at_level("ERROR"):
+        sampling.sample(tiny_model, story(), gf.grounded(), sampling.run_config(32, 32, 0, 1),
+                        between_chunks=between, keep_partial=full_disk)
+    assert any("saving the 3 finished latent frames failed too: OSError" in n for n in info.value.__notes__)
+    assert "No space left on device" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,43 +455,51 @@ def test_workflow_links_are_consistent(path):
         assert loader["widgets_values"][0] in notes  # the Note says which file and where to get it
 
 
-def test_working_bytes_counts_the_fused_scratch_values():
+def test_memory_estimate_counts_the_in_place_value_slots():
+    from grounded_forcing.gf_core.config import parameter_count
+
     cfg = gf.WanConfig()
     memory = policy.build_memory()
-    plain = sampling.working_bytes(cfg, memory, 832, 480, 1, torch.bfloat16)
-    fused = sampling.working_bytes(cfg, memory, 832, 480, 1, torch.bfloat16, fused=True)
+    config = sampling.run_config(832, 480, 0, 1)
+    plain = gf.estimate_memory(cfg, memory, config, torch.bfloat16)
+    in_place = gf.estimate_memory(cfg, memory, config, torch.bfloat16, read_in_place=True)
     # three frames of values in every block: 30 x 3 x 1560 tokens x 1536 x 2 bytes
-    assert fused - plain == 30 * 3 * 1560 * 1536 * 2
+    assert in_place.cache - plain.cache == 30 * 3 * 1560 * 1536 * 2
+    params = parameter_count(cfg)
+    assert 1.3e9 < params < 1.5e9 and plain.weights == 2 * params  # the 1.3B model in bf16
+    assert gf.estimate_memory(cfg, memory, config, torch.bfloat16, weight_bytes=7).weights == 7
 
 
 def test_fused_auto_is_on_only_where_it_can_run(monkeypatch):
     import importlib.util
 
+    from grounded_forcing.gf_core.kernels import resolve
+
     real = importlib.util.find_spec
-    assert sampling.resolve_fused("auto", "float32", torch.device("cpu")) is False
-    assert sampling.resolve_fused("on", "float32", torch.device("cpu")) is True
-    assert sampling.resolve_fused("off", "float32", torch.device("cuda")) is False
+    assert resolve("auto", torch.device("cpu"), "float32") == "eager"
+    assert resolve("fused", torch.device("cpu"), "float32") == "fused"
+    assert resolve("eager", torch.device("cuda"), "float32") == "eager"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
-    assert sampling.resolve_fused("auto", "float32", torch.device("cuda")) is True
-    assert sampling.resolve_fused("auto", "complex128", torch.device("cuda")) is False
+    assert resolve("auto", torch.device("cuda"), "float32") == "fused"
+    assert resolve("auto", torch.device("cuda"), "complex128") == "eager"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
-    assert sampling.resolve_fused("auto", "float32", torch.device("cuda")) is False
+    assert resolve("auto", torch.device("cuda"), "float32") == "eager"
     with pytest.raises(ValueError, match="unknown fused setting 'yes'; use one of auto, on, off"):
-        sampling.check(gf.WanModel.from_state_dict(gf.random_state_dict(gf.WanConfig.tiny())), story(),
-                       policy.build_memory(), 32, 32, 1, fused="yes")
+        sampling.run_config(32, 32, 0, 1, fused="yes")
 
 
-def test_fused_auto_samples_unfused_where_compiling_fails(tiny_model, monkeypatch, caplog):
-    """"auto" never costs a run: when the blocks cannot be compiled, the same video is made unfused."""
-    import grounded_forcing.gf_core.wan as wan
+def test_fused_auto_samples_uncompiled_where_compiling_fails(tiny_model, monkeypatch, caplog):
+    """"auto" never costs a run: when the blocks cannot be compiled, the same blocks run uncompiled."""
+    import grounded_forcing.gf_core.kernels as kernels
 
-    fail_compiling(monkeypatch, wan, "torch._inductor.exc")
-    monkeypatch.setattr(sampling, "resolve_fused", lambda choice, rope_kind, device: choice != "off")
+    fail_compiling(monkeypatch, kernels, "torch._inductor.exc")
+    monkeypatch.setattr(kernels, "resolve", lambda setting, device, rope_kind: "eager" if setting == "eager" else "fused")
     segments, memory = story(), policy.build_memory("grounded")
-    plain = sampling.sample(tiny_model, segments, memory, width=32, height=32, seed=2, fused="off")
+    plain = sampling.sample(tiny_model, segments, memory, sampling.run_config(32, 32, 2, 1, fused="off"))
     with caplog.at_level("WARNING"):
-        auto = sampling.sample(tiny_model, segments, memory, width=32, height=32, seed=2, fused="auto")
-    assert "could not be compiled here (BackendCompilerFailed); turn fused off" in caplog.text
-    assert torch.equal(auto.latents, plain.latents) and auto.header["run"]["fused"] is False
-    with pytest.raises(wan.CompileError):
-        sampling.sample(tiny_model, segments, memory, width=32, height=32, seed=2, fused="on")
+        auto = sampling.sample(tiny_model, segments, memory, sampling.run_config(32, 32, 2, 1, fused="auto"))
+    assert "could not be compiled here (BackendCompilerFailed)" in caplog.text
+    torch.testing.assert_close(auto.latents, plain.latents, atol=1e-4, rtol=1e-4)
+    assert auto.header["run"]["fused"] is False
+    with pytest.raises(kernels.CompileError):
+        sampling.sample(tiny_model, segments, memory, sampling.run_config(32, 32, 2, 1, fused="on"))

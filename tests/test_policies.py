@@ -8,21 +8,20 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import RUN, StubKV, no_source, prompt
+from helpers import RUN, ChunkKV, StubKV, commit, no_source, prompt
 
 import gf_core as gf
 from gf_core.memory import Memory
-from gf_core.policies import anchor_forcing, context_forcing, infinity_rope, preset
+from gf_core.policies import Junction, anchor_forcing, context_forcing, infinity_rope, preset
 from gf_core.recache import apply_switch
-from gf_core.wan import ChunkKV
 
 
 def _commit(mem: Memory, stub: StubKV, start: int, kv: ChunkKV | None = None) -> dict:
-    return mem.commit(start, stub.latents(3), stub.kv(3) if kv is None else kv, segment=0)
+    return commit(mem, start, stub.latents(3), stub.kv(3) if kv is None else kv, segment=0)
 
 
 def _switch(mem: Memory, stub: StubKV, kind: str, start: int) -> dict:
-    return apply_switch(mem, gf.Transition(kind), start, stub.encode, no_source)
+    return apply_switch(mem, gf.Transition(kind), start, stub.encode, no_source).to_json()
 
 
 def _layout(plan) -> tuple[dict[str, list[list[int]]], list[int]]:
@@ -47,7 +46,7 @@ def test_infinity_rope_preset_matches_the_reference_config():
     policy = infinity_rope()
     # local_attn_size 6 counts the sink (1) and the chunk (3): 2 frames slide
     assert [(r.name, r.frames, r.fill) for r in policy.regions] == [("sink", 1, "first"), ("window", 2, "fifo")]
-    assert (policy.index_rule, policy.switch, policy.cut, policy.cut_index, policy.flush_keep) == (
+    assert (policy.index_rule, policy.switch, policy.cut.rule, policy.cut.index, policy.flush_keep) == (
         "block_relative", "flush", "rope_cut", 45, 2)
     assert preset("infinity_rope", 3) == policy
     assert [r.frames for r in preset("infinity_rope", 2).regions] == [1, 3]
@@ -132,7 +131,7 @@ def test_context_forcing_preset():
     policy = context_forcing()
     assert [(r.name, r.frames, r.fill) for r in policy.regions] == [
         ("sink", 3, "first"), ("slow", 12, "promoted"), ("fast", 3, "fifo")]
-    assert (policy.index_rule, policy.rope_range, policy.tau, policy.promote_every, policy.switch) == (
+    assert (policy.index_rule, policy.rope_range, policy.promotion.tau, policy.promotion.every, policy.switch) == (
         "bounded", 21, 0.95, 2, "none")
     assert preset("context_forcing", 3) == policy
     with pytest.raises(ValueError, match="tau 1.5 is outside"):
@@ -155,7 +154,7 @@ def test_context_forcing_promotion_and_layout():
     promotions = {}
     for start in range(0, 36, 3):
         layouts[start] = _layout(mem.plan(start, 3))
-        changes = mem.commit(start, stub.latents(3), kv(start), segment=0)
+        changes = commit(mem, start, stub.latents(3), kv(start), segment=0)
         promotions[start] = changes["promotions"]
     # candidates: the first frame of every 2nd chunk (6, 12, 18, ...) when it leaves the fast memory
     assert promotions[9] == [{"frame": 6, "similarity": 1.0, "promoted": False}]
@@ -179,7 +178,7 @@ def test_context_forcing_slow_memory_evicts_oldest_and_swaps_slots():
     mem, stub = Memory(policy, 3, 1), StubKV(5)
     for c in range(12):  # alternate the key direction chunk by chunk: every candidate is surprising
         key = SAME if c % 2 else TURN
-        changes = mem.commit(3 * c, stub.latents(3), _keys(key, key, key), segment=0)
+        changes = commit(mem, 3 * c, stub.latents(3), _keys(key, key, key), segment=0)
         if c >= 2:
             assert [p["frame"] for p in changes["promotions"] if p["promoted"]] == [3 * c - 3]
         if c >= 4:  # the oldest slow frame goes when the third arrives
@@ -201,7 +200,7 @@ def test_context_forcing_cut_keeps_sink_and_slow():
     mem, stub = Memory(policy, 3, 1), StubKV(6)
     for c in range(10):
         key = SAME if c % 2 else TURN
-        mem.commit(3 * c, stub.latents(3), _keys(key, key, key), segment=0)
+        commit(mem, 3 * c, stub.latents(3), _keys(key, key, key), segment=0)
     slow = mem.snapshot()["slow"]
     assert slow == list(range(3, 27, 3))
     event = _switch(mem, stub, "cut", 30)
@@ -211,8 +210,8 @@ def test_context_forcing_cut_keeps_sink_and_slow():
     # the sink and slow memory keep 0..10; the new shot's chunk comes right after them
     assert [i for _, i in keys["sink"] + keys["slow"]] == list(range(11)) and query == [11, 12, 13]
     # the first chunk of the new shot is not compared with the frame before the cut
-    mem.commit(30, stub.latents(3), _keys(TURN, TURN, TURN), segment=1)
-    assert mem.commit(33, stub.latents(3), _keys(SAME, SAME, SAME), segment=1)["promotions"] == []
+    commit(mem, 30, stub.latents(3), _keys(TURN, TURN, TURN), segment=1)
+    assert commit(mem, 33, stub.latents(3), _keys(SAME, SAME, SAME), segment=1)["promotions"] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,11 +323,11 @@ def test_build_memory_new_policies():
     wide = policy.build_memory("infinity_rope", irope_sink_frames=2, irope_window_frames=10, flush_keep=3,
                                cut_index=40, alpha_max=0.5)
     assert [r.frames for r in wide.regions] == [2, 5]
-    assert (wide.flush_keep, wide.cut_index, wide.alpha_max) == (3, 40, 0.5)
+    assert (wide.flush_keep, wide.cut.index, wide.apr.alpha_max) == (3, 40, 0.5)
     cf = policy.build_memory("context_forcing", cf_sink_frames=2, slow_frames=8, fast_frames=9, tau=0.9,
                              promote_every=1)
     assert [r.frames for r in cf.regions] == [2, 8, 6] and cf.rope_range == 19
-    assert (cf.tau, cf.promote_every) == (0.9, 1)
+    assert (cf.promotion.tau, cf.promotion.every) == (0.9, 1)
     for kwargs, message in (({"irope_window_frames": 4}, "leaves no room"),
                             ({"fast_frames": 3}, "leaves no room after the chunk"),
                             ({"slow_frames": 0}, "need at least 1 frame"),
@@ -364,7 +363,7 @@ class Recorder:
 
 
 def _anchor_switch(mem: Memory, rec: Recorder, start: int) -> dict:
-    return apply_switch(mem, gf.Transition(), start, rec.encode, rec.source_for)
+    return apply_switch(mem, gf.Transition(), start, rec.encode, rec.source_for).to_json()
 
 
 SINK = [[0, 0], [1, 1], [2, 2]]
@@ -375,14 +374,14 @@ def test_anchor_forcing_preset_matches_the_reference_config():
     # local_attn_size 12 counts the sink (3) and the chunk (3): 6 committed frames slide
     assert [(r.name, r.frames, r.fill) for r in policy.regions] == [
         ("sink", 3, "first"), ("junction", 3, "junction"), ("local", 6, "fifo")]
-    assert (policy.index_rule, policy.rope_range, policy.junction_index, policy.switch, policy.recache_frames) == (
+    assert (policy.index_rule, policy.rope_range, policy.junction.index, policy.switch, policy.recache.frames) == (
         "tri_region", 21, 6, "anchor", 12)
     assert preset("anchor_forcing", 3) == policy
     assert gf.anchor_forcing is anchor_forcing
     with pytest.raises(ValueError, match=r"junction at temporal indices -1\.\.1 leaves the RoPE range of 21"):
         anchor_forcing(window_frames=19).validate(3)
     with pytest.raises(ValueError, match="leaves the RoPE range of 21"):
-        dataclasses.replace(policy, junction_index=19).validate(3)
+        dataclasses.replace(policy, junction=Junction(19)).validate(3)
     with pytest.raises(ValueError, match="a junction region needs the 'tri_region' RoPE index rule"):
         dataclasses.replace(policy, index_rule="bounded").validate(3)
 
@@ -430,7 +429,7 @@ def test_anchor_forcing_switch_recache_and_junction():
 
     # the first chunk under the new prompt fills the junction with the K/V of its cache pass
     kv = stub.kv(3)
-    mem.commit(42, stub.latents(3), kv, segment=1)
+    commit(mem, 42, stub.latents(3), kv, segment=1)
     assert not mem.junction_open and mem.snapshot()["junction"] == [42, 43, 44]
     junction_slots = [f.slot for f in mem.regions["junction"]]
     copies = [f.slot for f in mem.regions["local"] if f.index >= 42]
@@ -441,12 +440,12 @@ def test_anchor_forcing_switch_recache_and_junction():
     # not attended while its frames are still in the local region (45, 48); from 51 on at 6..8
     for start in (45, 48):
         assert "junction" not in _layout(mem.plan(start, 3))[0]
-        mem.commit(start, stub.latents(3), stub.kv(3), segment=1)
+        commit(mem, start, stub.latents(3), stub.kv(3), segment=1)
     for start in range(51, 81, 3):
         keys, query = _layout(mem.plan(start, 3))
         assert keys == {"sink": SINK, "junction": [[42, 6], [43, 7], [44, 8]],
                         "local": [[start - 6 + j, 12 + j] for j in range(6)]} and query == [18, 19, 20]
-        mem.commit(start, stub.latents(3), stub.kv(3), segment=1)
+        commit(mem, start, stub.latents(3), stub.kv(3), segment=1)
 
     # second switch: the junction of the previous prompt warm-starts the re-cache, then is dropped
     junction_k = mem.store.keys[0, :, junction_slots].clone()
@@ -459,7 +458,7 @@ def test_anchor_forcing_switch_recache_and_junction():
     assert mem.snapshot()["junction"] == []
     assert "junction" not in _layout(mem.plan(81, 3))[0]
     for start in range(81, 90, 3):
-        mem.commit(start, stub.latents(3), stub.kv(3), segment=2)
+        commit(mem, start, stub.latents(3), stub.kv(3), segment=2)
     assert _layout(mem.plan(90, 3))[0]["junction"] == [[81, 6], [82, 7], [83, 8]]
 
 
@@ -585,7 +584,7 @@ def test_build_memory_anchor_forcing():
     assert policy.build_memory("anchor_forcing") == node_policies.anchor_forcing()
     wide = policy.build_memory("anchor_forcing", af_sink_frames=2, af_window_frames=15, alpha_max=0.5)
     assert [r.frames for r in wide.regions] == [2, 3, 10]
-    assert (wide.junction_index, wide.recache_frames, wide.alpha_max) == (3, 15, 0.5)
+    assert (wide.junction.index, wide.recache.frames, wide.apr.alpha_max) == (3, 15, 0.5)
     for kwargs, message in (({"af_window_frames": 6}, "leaves no room"),
                             ({"af_sink_frames": 0}, "below 1"),
                             ({"af_window_frames": 19}, "leaves the RoPE range of 21")):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import capture_kv, commit, tiny_model
 
 import gf_core as gf
 from gf_core import toyworld as tw
@@ -122,13 +122,13 @@ def test_training_forward_equals_cached_chunk_forward(context, kernel):
             text = encode_text(model, prompts[:, c])
             plan = mem.plan(3 * c, 3)
             source = mem.source(plan, rope, "float32", grid) if plan.keys else None
-            _, kv = forward_chunk(model, clean[:, :, 3 * c:3 * c + 3], zero, text, source, plan.query_index, rope,
-                                  "float32", capture_kv=True, compute_output=False)
-            mem.commit(3 * c, clean[:, :, 3 * c:3 * c + 3], kv, c)
+            _, kv = capture_kv(model, clean[:, :, 3 * c:3 * c + 3], zero, text, source, plan.query_index, rope,
+                               "float32", compute_output=False)
+            commit(mem, 3 * c, clean[:, :, 3 * c:3 * c + 3], kv, c)
         slots = {f.index: f.slot for _, f in mem.frames()}
         keys = ctx[2]
         source = ContextSource(mem.store, [slots[f] for f in keys], rope.frequencies(keys, *grid, "float32"))
-        v_chunk, _ = forward_chunk(model, noisy[:, :, 6:9], timesteps[:, 2], encode_text(model, prompts[:, 2]),
+        v_chunk = forward_chunk(model, noisy[:, :, 6:9], timesteps[:, 2], encode_text(model, prompts[:, 2]),
                                    source, [6, 7, 8], rope, "float32")
     assert (v_train[:, :, 6:9] - v_chunk).abs().max() < 1e-5
     if context == "sink":  # the mask matters: with every frame the answer differs
