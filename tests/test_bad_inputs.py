@@ -3,8 +3,8 @@ one parametrised case each: refused with the pack's own error (BadInput), in one
 the input, in under a second (the 1 MiB timeline headers in under 0.1 s), before any model forward.
 
 Case ids start with their class (``script-``, ``input-``, ``loader-``, ``shard-``, ``weights-``,
-``file-``, ``pickle-``, ``lora-``); docs/RELIABILITY.md counts them by that prefix. The engine's bad
-inputs (sizes, lengths, RoPE tables, memory, seeds, ...) live in tests/test_bad_inputs_engine.py.
+``file-``, ``pickle-``, ``lora-``); docs/RELIABILITY.md counts them by that prefix. The engine's
+pre-flight checks (sizes, lengths, RoPE tables, GPU memory, seeds, ...) are not in this file.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 import torch
 from grounded_forcing import gf_core as gf
 from grounded_forcing.gf_core.checkpoints import load_lora, load_wan_state_dict, merge_lora
+from grounded_forcing.gf_core.config import MAX_LATENT_FRAMES
 from grounded_forcing.gf_core.errors import BadInput
 from grounded_forcing.nodes import loading, prompts
 from safetensors.torch import save_file
@@ -719,6 +720,11 @@ def test_apr_window_zero_means_the_ltm_size_in_node_and_script():
     script = prompts.parse_script("5s | a\n4s apr(0.5, 0) | b")[1].transition
     assert node == script == gf.Transition("apr", alpha_max=0.5, proximity_window=None)
     assert prompts.parse_script("5s | a\n4s apr(0.5, 6) | b")[1].transition == prompts.make_transition("apr", 0.5, 6)
+
+
+def test_the_nodes_longest_video_fits_the_engines():
+    chunks = math.ceil(prompts.MAX_VIDEO_FRAMES / 3)  # a plan's boundaries round up to whole chunks
+    assert chunks * 3 <= MAX_LATENT_FRAMES
 
 
 def test_limits_accept_what_they_state():
