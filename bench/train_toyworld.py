@@ -15,7 +15,9 @@ The context a chunk may see is drawn per step: every earlier frame (as Self-Forc
 of the window's first 1 or 3 frames plus the newest 2, 6 or 9 frames (as the windowed memories
 see it). A chunk's loss counts only where its picture is determined: every subject it shows is
 named by its prompt or visible in a frame it attends to, and a window that starts mid-story
-does not train its first chunk.
+does not train its first chunk. Pixels at and around a subject weigh ``1 + --subject-weight``
+in the loss, the background 1: the subjects are a small part of each frame, and what they are
+and where they go is what the model must get right.
 
     python bench/train_toyworld.py --minutes 7 --out OUT           # on a GPU: trains, then --eval
     python bench/train_toyworld.py --device cpu --steps 2 --size 8 --frames 9 --layers 1 --out OUT
@@ -234,22 +236,30 @@ class Pool:
         self.named = torch.tensor(named, device=device)  # [N, T, S]
         self.frames = frames
         self.device = device
+        self._backgrounds: dict[int, torch.Tensor] = {}
 
     def batch(self, size: int, latent_size: int, g: torch.Generator):
-        """(latents [B, 16, F, h, w], prompt ids per chunk [B, C], visible [B, F, S], named per chunk
-        [B, C, S], first chunk trainable [B]) for ``size`` random windows."""
+        """(latents [B, 16, F, h, w], subject pixels [B, F, h, w] (bool, grown by 2 pixels), prompt ids
+        per chunk [B, C], visible [B, F, S], named per chunk [B, C, S], first chunk trainable [B]) for
+        ``size`` random windows."""
         n = self.tables.shape[0]
         story = torch.randint(n, (size,), generator=g, device="cpu")
         starts = torch.randint((self.length - self.frames) // CHUNK + 1, (size,), generator=g, device="cpu") * CHUNK
-        starts = torch.where(torch.rand(size, generator=g) < 0.4, torch.zeros_like(starts), starts)
+        starts = torch.where(torch.rand(size, generator=g) < 0.5, torch.zeros_like(starts), starts)
         frame = (starts.view(-1, 1) + torch.arange(self.frames)).to(self.device)
         story = story.to(self.device).view(-1, 1).expand_as(frame)
         table = self.tables[story, frame]  # [B, F, S, 6]
-        rgb = tw.render(table.flatten(0, 1), self.scenes[story, frame].flatten(), latent_size)
+        scenes = self.scenes[story, frame].flatten()
+        rgb = tw.render(table.flatten(0, 1), scenes, latent_size)
+        if latent_size not in self._backgrounds:
+            self._backgrounds[latent_size] = tw.backgrounds(latent_size, self.device)
+        subject = ((rgb - self._backgrounds[latent_size][scenes]).abs().sum(1) > 0.05).float()
+        subject = F.max_pool2d(subject.unsqueeze(1), 5, 1, 2)[:, 0] > 0
         latents = tw.to_latents(rgb)[0].unflatten(1, (size, self.frames)).transpose(0, 1)  # [B, 16, F, h, w]
         prompts = self.prompts[story, frame][:, ::CHUNK]
         named = self.named[story, frame][:, ::CHUNK]
-        return latents, prompts, self.visible[story, frame], named, (starts == 0).to(self.device)
+        return (latents, subject.unflatten(0, (size, self.frames)), prompts, self.visible[story, frame], named,
+                (starts == 0).to(self.device))
 
 
 def draw_context(rng: random.Random, chunks: int) -> tuple[str, list[list[int]]]:
@@ -332,7 +342,8 @@ def train(args: argparse.Namespace) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
-        x0, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g)
+        x0, subject, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g)
+        pixel_weight = 1.0 + args.subject_weight * subject.float()  # [B, F, h, w]
         kind, context = draw_context(rng, chunks)
         weights = chunk_weights(context, visible, named, first_ok)  # [B, C]
         batch = x0.shape[0]
@@ -347,8 +358,9 @@ def train(args: argparse.Namespace) -> dict:
             with autocast:
                 v = train_forward(model, clean, noisy, timesteps[level], table[prompt_ids], context, rope,
                                   flex, block_mask)
-            err = (v.float() - (eps - x0)).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-            err = err.unflatten(1, (chunks, CHUNK)).mean(2)  # [B, C]
+            err = (v.float() - (eps - x0)).pow(2).mean(dim=1) * pixel_weight  # [B, F, h, w]
+            err = err.unflatten(1, (chunks, CHUNK)).sum(dim=(2, 3, 4))
+            err = err / pixel_weight.unflatten(1, (chunks, CHUNK)).sum(dim=(2, 3, 4))  # [B, C]
             loss = (err * weights).sum() / weights.sum().clamp_min(1)
             loss.backward()
         except torch.OutOfMemoryError:
@@ -469,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=1024)
@@ -477,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=tw.WORLD, help="latent pixels across (the world is 32)")
     ap.add_argument("--stories", type=int, default=4000)
     ap.add_argument("--context-noise", type=float, default=0.03, help="std of noise added to the clean context")
+    ap.add_argument("--subject-weight", type=float, default=9.0,
+                    help="extra loss weight of the pixels at and around a subject (1 + this; background 1)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--attention", choices=("auto", "sdpa", "flex"), default="auto",
                     help="self-attention kernel: flex (compiled FlexAttention, skips masked blocks), sdpa; "
