@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import describe, load_lora, load_wan_state_dict, merge_lora
+from .checkpoints import check_strength, describe, load_lora, load_wan_state_dict, merge_lora
 from .errors import BadInput
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -79,9 +79,11 @@ def convert(
         raise BadInput(f"unknown weights '{weights}'; use 'ema' or 'generator'")
     if dtype is not None and dtype not in DTYPES:
         raise BadInput(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)} (or leave it out to keep the file's)")
+    check_strength(lora_strength)
+    lora_weights = load_lora(lora) if lora is not None else None  # small: read and checked before the base
     sd = load_wan_state_dict(source, prefer=weights)
-    if lora is not None:
-        sd = merge_lora(sd, load_lora(lora), strength=lora_strength)
+    if lora_weights is not None:
+        sd = merge_lora(sd, lora_weights, strength=lora_strength)
     if dtype is not None:
         sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
     metadata = {

@@ -204,8 +204,11 @@ def test_bad_options_are_one_sentence(tmp_path, checkpoints, target, options, me
 def test_a_bad_source_writes_nothing(tmp_path, checkpoints):
     with pytest.raises(BadInput, match="is a LoRA, not a base model"):
         gfc.convert(checkpoints["lora"], tmp_path / "lora_as_model.safetensors")
-    with pytest.raises(BadInput, match="is a full model, not a LoRA"):
-        gfc.convert(checkpoints["causvid"], tmp_path / "x.safetensors", lora=checkpoints["longlive"])
+    with pytest.raises(BadInput, match="is a full model, not a LoRA"):  # the LoRA is read before the base
+        gfc.convert(tmp_path / "not_there.pt", tmp_path / "x.safetensors", lora=checkpoints["longlive"])
+    with pytest.raises(BadInput, match="LoRA strength nan is not a finite number"):
+        gfc.convert(checkpoints["longlive"], tmp_path / "x.safetensors", lora=checkpoints["lora"],
+                    lora_strength=float("nan"))
     assert list(tmp_path.iterdir()) == []
 
 
