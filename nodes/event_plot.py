@@ -136,8 +136,11 @@ def parse_log(text: str) -> EventLog:
         missing = [k for k in ("chunk", "frames", "segment", "memory") if k not in item]
         if missing:
             raise BadInput(f"line {number} is not a GF Sampler chunk event (it has no '{missing[0]}'); {HELP}")
-        if not (isinstance(item["memory"], dict) and isinstance(item["frames"], list) and len(item["frames"]) == 2):
-            raise BadInput(f"line {number} has a malformed 'memory' or 'frames' entry; {HELP}")
+        frames, memory = item["frames"], item["memory"]
+        if not (isinstance(frames, list) and len(frames) == 2 and all(isinstance(f, int) for f in frames)
+                and isinstance(memory, dict) and all(isinstance(held, list) for held in memory.values())
+                and isinstance(item["segment"], int)):
+            raise BadInput(f"line {number} has a malformed 'frames', 'segment' or 'memory' entry; {HELP}")
         if item["chunk"] != len(chunks) and not chunks:
             raise BadInput(f"the event log starts at chunk {item['chunk']} on line {number}, so its beginning is "
                            f"missing; {HELP}")
@@ -184,9 +187,7 @@ class Layout:
     @property
     def mode(self) -> str:
         """"aggregated" (several chunks per column), "per frame" (held frames numbered) or "per chunk"."""
-        if self.chunks_per_column > 1:
-            return "aggregated"
-        return "per frame" if self.plot_width / self.chunks >= FRAME_COLUMN else "per chunk"
+        return _mode(self.plot_width, self.chunks, self.chunks_per_column)
 
     def chunk_x(self, chunk: float) -> int:
         """Left pixel of chunk ``chunk`` (fractions place frames inside a chunk)."""
@@ -205,6 +206,12 @@ class Layout:
         first = chunk - chunk % self.chunks_per_column
         last = min(first + self.chunks_per_column, self.chunks)
         return self.chunk_x(first), max(self.chunk_x(first) + 1, self.chunk_x(last))
+
+
+def _mode(plot_width: int, chunks: int, chunks_per_column: int) -> str:
+    if chunks_per_column > 1:
+        return "aggregated"
+    return "per frame" if plot_width / chunks >= FRAME_COLUMN else "per chunk"
 
 
 _PADS = {"rope": (6, 4), "alpha": (4, 2), "gcm_update": (10, 3), "promotion": (10, 3)}  # (top, bottom) margins
@@ -347,7 +354,7 @@ class _Painter:
         return scales
 
     def _layout(self) -> Layout:
-        per_frame = self.per_column == 1 and (self.width - LEFT - RIGHT) / self.chunks >= FRAME_COLUMN
+        per_frame = _mode(self.width - LEFT - RIGHT, self.chunks, self.per_column) == "per frame"
         lane_height = 16 if per_frame else 10
         rows: dict[str, tuple[int, int]] = {}
         lanes: dict[str, list[tuple[int, int]]] = {}

@@ -346,6 +346,7 @@ def test_a_stopped_run_keeps_the_whole_axis(logs):
     (lambda log: '{"run": {"memory": "grounded"}}', "the event log has no chunk lines"),
     (lambda log: '{"chunk": 0, "frames": [0, 3]}', "line 1 is not a GF Sampler chunk event \\(it has no 'segment'\\)"),
     (lambda log: "[1, 2, 3]", "line 1 of the event log holds a list, not an event"),
+    (lambda log: '{"chunk": 0, "frames": [0, 3], "segment": 0, "memory": {"ltm": 5}}', "malformed 'frames', 'segment'"),
     (lambda log: "\n".join(log.splitlines()[:3] + log.splitlines()[5:]), "jumps from chunk 1 to chunk 4 on line 4"),
     (lambda log: "\n".join(log.splitlines()[3:]), "starts at chunk 2 on line 1"),
 ])
