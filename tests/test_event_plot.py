@@ -67,9 +67,10 @@ def model() -> gf.WanModel:
     return gf.WanModel.from_state_dict(gf.random_state_dict(CFG, seed=0))
 
 
-def run_log(model, memory: str, plan: list[tuple[int, str]]) -> str:
-    result = sampling.sample(model, segments(plan), gf.preset(memory), width=SIZE, height=SIZE, seed=0)
-    return result.log
+def run_log(model, memory: str, plan: list[tuple[int, str]], schedule: gf.Schedule | None = None) -> str:
+    """GF Sampler's event log of a run (its ``events`` output)."""
+    config = gf.RunConfig.build(sampling.run_config(SIZE, SIZE, seed=0, batch_size=1), schedule=schedule)
+    return sampling.sample(model, segments(plan), gf.preset(memory), config).log
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +80,10 @@ def logs(model) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def long_log(model) -> str:
-    """The events of a 1,000-chunk run (12.5 minutes of video): 20 segments of 150 latent frames, every
-    4th starting with a cut; one denoising step per chunk keeps it fast, and the events are
-    ``gf.generate``'s (no run header, as ``gf.write_events`` writes them)."""
+    """GF Sampler's log of a 1,000-chunk run (12.5 minutes of video): 20 segments of 150 latent frames,
+    every 4th starting with a cut; one denoising step per chunk keeps it fast."""
     plan = [(150, "cut" if k % 4 == 2 else "default") for k in range(20)]
-    result = gf.generate(model, list(segments(plan)), "grounded", height=SIZE, width=SIZE, noise_order="chunk",
-                         schedule=gf.Schedule.few_step(steps=(1000,)))
-    return "\n".join(json.dumps(e) for e in result.events)
+    return run_log(model, "grounded", plan, gf.Schedule.few_step(steps=(1000,)))
 
 
 def events_of(log: str) -> list[dict]:
@@ -283,7 +281,7 @@ def test_a_thousand_chunk_run_is_aggregated_into_columns(long_log):
     assert len(events) == 1000
     picture = event_plot.draw(long_log, 1280)
     layout = picture.layout
-    assert picture.log.run == {} and layout.mode == "aggregated" and layout.chunks_per_column == 3
+    assert layout.mode == "aggregated" and layout.chunks_per_column == 3
     assert picture.image.width == 1280 and picture.image.height < 1000
     made = segment_of(events)
     per = layout.chunks_per_column
@@ -326,8 +324,10 @@ def test_width_sets_the_columns(logs):
         event_plot.draw(logs["grounded"], 100)
 
 
-def test_a_stopped_run_keeps_the_whole_axis(logs):
+def test_a_stopped_run_keeps_the_whole_axis_and_a_log_may_lack_its_header(logs):
     header, *chunks = logs["grounded"].splitlines()
+    headerless = event_plot.draw("\n".join(chunks))  # gf.write_events' format (the demo's events.jsonl)
+    assert headerless.log.run == {} and headerless.layout.chunks == len(chunks)
     stopped = event_plot.draw("\n".join([header, *chunks[:5]]))
     assert stopped.layout.chunks == len(chunks) and len(stopped.log.chunks) == 5
     x0, x1 = stopped.layout.column(8)  # never made: empty slots

@@ -49,7 +49,7 @@ def run_log(plan: list[tuple[float, str]], memory: str = "grounded", seed: int =
                    gf.Transition(kind))
         for seconds, kind in plan
     )
-    result = sampling.sample(model, segments, gf.preset(memory), width=32, height=32, seed=seed)
+    result = sampling.sample(model, segments, gf.preset(memory), sampling.run_config(32, 32, seed, batch_size=1))
     return result.log
 
 
