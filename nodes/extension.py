@@ -9,6 +9,7 @@ from .memory_nodes import GFDualMemory
 from .model_nodes import GFDRRoPE, GFLoadCausalWanModel
 from .prompt_nodes import GFAPRTransition, GFCut, GFPromptSegment, GFPromptTimeline
 from .sampler_nodes import GFSampler
+from .timeline_nodes import GFEventTimeline
 
 NODES: list[type[io.ComfyNode]] = [
     GFLoadCausalWanModel,
@@ -20,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     GFPromptTimeline,
     GFSampler,
     GFStreamDecode,
+    GFEventTimeline,
 ]
 
 

@@ -435,7 +435,8 @@ def pack_node_ids() -> set[str]:
 
 def test_pack_declares_every_node():
     assert pack_node_ids() == {"GFLoadCausalWanModel", "GFDualMemory", "GFDRRoPE", "GFPromptSegment",
-                               "GFAPRTransition", "GFCut", "GFPromptTimeline", "GFSampler", "GFStreamDecode"}
+                               "GFAPRTransition", "GFCut", "GFPromptTimeline", "GFSampler", "GFStreamDecode",
+                               "GFEventTimeline"}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.name)
