@@ -21,6 +21,7 @@ and where they go is what the model must get right.
 
     python bench/train_toyworld.py --minutes 7 --out OUT           # on a GPU: trains, then --eval
     python bench/train_toyworld.py --device cpu --steps 2 --size 8 --frames 9 --layers 1 --out OUT
+    python bench/train_toyworld.py --ship OUT --out gf_core/toy     # the shipped files (umT5's text width)
 
 Writes into --out: toyworld.safetensors (bf16 weights, Wan keys), toyworld_words.safetensors
 (the word table), train.json (settings, loss curve, seconds), and with --eval eval.json and
@@ -473,6 +474,26 @@ def write_png(rgb: torch.Tensor, path: str) -> None:
         fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
+def ship(source: str, folder: str) -> str:
+    """Write the trained model and word table of ``source`` into ``folder`` at umT5's text width
+    (gf_core.toyworld.widen_text), the files the pack ships in gf_core/toy/."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from gf_core.checkpoints import load_wan_state_dict
+
+    sd = load_wan_state_dict(os.path.join(source, tw.MODEL_FILE))
+    with safe_open(os.path.join(source, tw.MODEL_FILE), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    sd, words = tw.widen_text(sd, tw.load_words(source))
+    os.makedirs(folder, exist_ok=True)
+    metadata["text_width"] = f"word vectors widened to {words.table.shape[1]} (gf_core.toyworld.widen_text)"
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, tw.MODEL_FILE), metadata=metadata)
+    words.save(os.path.join(folder, tw.WORDS_FILE))
+    return (f"wrote {folder}/{tw.MODEL_FILE} ({os.path.getsize(os.path.join(folder, tw.MODEL_FILE)) / 1e6:.1f} MB) "
+            f"and {tw.WORDS_FILE}, text width {words.table.shape[1]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for everything this writes")
@@ -497,7 +518,12 @@ def main(argv: list[str] | None = None) -> None:
                          "auto: flex on a GPU, falling back to sdpa")
     ap.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                     help="sample clips under every policy afterwards and report identity accuracy")
+    ap.add_argument("--ship", metavar="TRAINED", help="instead of training: write the model trained into the folder "
+                    "TRAINED into --out at umT5's text width (what gf_core/toy/ holds)")
     args = ap.parse_args(argv)
+    if args.ship:
+        print(ship(args.ship, args.out))
+        return
     if args.frames % CHUNK or args.frames < CHUNK:
         ap.error(f"--frames {args.frames} is not a positive multiple of {CHUNK}")
     result = train(args)

@@ -78,6 +78,7 @@ VOCABULARY = ("a", "the", "on", "then", "it", "cut", "to", "where", "enters", "m
 TEXT_DIM = 64  # width of a word vector
 WORD_SEED = 20261201
 
+SHIPPED_TEXT_DIM = 4096  # umT5's width, which ComfyUI's Wan model is built with
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 MODEL_FILE = "toyworld.safetensors"
 WORDS_FILE = "toyworld_words.safetensors"
@@ -177,6 +178,26 @@ class Words:
         return cls(table, vocabulary)
 
 
+def widen_text(sd: dict[str, torch.Tensor], words: Words, text_dim: int = SHIPPED_TEXT_DIM,
+               seed: int = WORD_SEED) -> tuple[dict[str, torch.Tensor], Words]:
+    """The same model and words with word vectors ``text_dim`` wide: exact up to rounding.
+
+    The table T [V, d] becomes T Q^T and the text embedding's first weight W [dim, d] becomes
+    W Q^T, with Q [text_dim, d] of orthonormal columns (fixed by ``seed``), so every product
+    (T Q^T)(W Q^T)^T = T W^T is unchanged and zero rows stay zero. The toy model is trained with
+    narrow word vectors and shipped at umT5's width, the shape ComfyUI builds a Wan model with.
+    """
+    weight = sd["text_embedding.0.weight"]
+    d = weight.shape[1]
+    if d == text_dim:
+        return sd, words
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(text_dim, d, generator=g, dtype=torch.float64))
+    out = dict(sd)
+    out["text_embedding.0.weight"] = (weight.double() @ q.T).to(weight.dtype)
+    return out, Words((words.table.double() @ q.T).float(), words.vocabulary)
+
+
 def embed(text: str, words: Words | None = None) -> torch.Tensor:
     """:meth:`Words.embed` with the shipped word table (or ``words``)."""
     return (words or load_words()).embed(text)
@@ -253,13 +274,16 @@ class Story:
     frames: list[int]  # requested latent frames per sentence
     truth: list[FrameTruth]
     starts: list[int]  # first frame of each segment (at a chunk boundary, as the engine plays them)
+    shots: list[bool]  # whether each sentence starts a new shot
 
-    def segments(self, words: Words | None = None) -> list[Segment]:
-        """The script as engine segments: a cut sentence starts with a shot cut, others with the
-        policy's default switch."""
+    def segments(self, words: Words | None = None, transitions: list[Transition | None] | None = None) -> list[Segment]:
+        """The script as engine segments. A sentence starts with ``transitions[k]`` where given, else
+        a sentence that starts a new shot (a cut, or an opening of another subject or scene) with a
+        shot cut and the others with the policy's default switch."""
         words = words or load_words()
-        return [Segment(words.embed(s.text), n, Transition("cut" if k and s.kind in ("cut", "opening") else "default"))
-                for k, (s, n) in enumerate(zip(self.sentences, self.frames))]
+        transitions = transitions or [None] * len(self.sentences)
+        return [Segment(words.embed(s.text), n, given or Transition("cut" if k and shot else "default"))
+                for k, (s, n, given, shot) in enumerate(zip(self.sentences, self.frames, transitions, self.shots))]
 
     def __len__(self) -> int:
         return len(self.truth)
@@ -293,12 +317,14 @@ def play(script: list[tuple[str, int]], chunk_frames: int = CHUNK_FRAMES) -> Sto
 
     scene, actors, main = "", [], 0
     truth: list[FrameTruth] = []
+    shots = [False] * len(sentences)
     for f in range(total):
         k = segment_of[f]
         new = f == starts[k]
         if new:
             s = sentences[k]
             named_same = (s.kind == "opening" and actors and actors[main].subject == s.subject and scene == s.scene)
+            shots[k] = s.kind == "cut" or (s.kind == "opening" and not named_same)
             if s.kind == "opening" and not named_same:
                 scene, actors, main = s.scene, [Actor(s.subject, s.action, start_x(s.action))], 0
             elif s.kind == "cut":
@@ -322,7 +348,7 @@ def play(script: list[tuple[str, int]], chunk_frames: int = CHUNK_FRAMES) -> Sto
             for a in actors:
                 a.step()
         truth.append(FrameTruth(scene, [replace(a) for a in actors], main, k))
-    return Story(sentences, frames, truth, starts)
+    return Story(sentences, frames, truth, starts, shots)
 
 
 def random_script(rng: random.Random, frames: int, chunk_frames: int = CHUNK_FRAMES) -> list[tuple[str, int]]:
@@ -470,6 +496,18 @@ def story_latents(story: Story, size: int = WORLD) -> torch.Tensor:
     return to_latents(render(table, scenes, size))
 
 
+def video_frames(latents: torch.Tensor, scale: int = 8, pixel_rate: bool = True) -> torch.Tensor:
+    """Normalised latents [B, 16, F, H, W] -> RGB frames [B, F', H * scale, W * scale, 3] in [0, 1]
+    through the preview projection (:func:`to_rgb`), each latent pixel a ``scale`` x ``scale``
+    block. ``pixel_rate``: as many frames as the Wan VAE decodes (1 + 4 (F - 1), 16 fps), each
+    latent frame held for its 4 pixel frames; else one frame per latent frame."""
+    rgb = to_rgb(latents).permute(0, 1, 3, 4, 2)  # [B, F, H, W, 3]
+    rgb = rgb.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    if pixel_rate and rgb.shape[1] > 1:
+        rgb = torch.cat([rgb[:, :1], rgb[:, 1:].repeat_interleave(4, dim=1)], dim=1)
+    return rgb
+
+
 def check_size(height: int, width: int) -> None:
     """Raise :class:`BadInput` unless (height, width) in pixels is the toy model's trained size."""
     if (height, width) != (PIXELS, PIXELS):
@@ -541,37 +579,45 @@ def _templates(size: int, device: torch.device | str) -> tuple[torch.Tensor, tor
     return torch.tensor(shapes, device=device), torch.tensor(radii, device=device), names
 
 
-def detect(mask: torch.Tensor) -> Detection:
-    """Classify the pixels of one colour [H, W] (bool) by the shape template that overlaps them best
-    (placed at the pixels' bounding-box centre; triangles by their box too)."""
-    size = mask.shape[-1]
+def detect(masks: torch.Tensor, batch: int = 256) -> list[Detection]:
+    """Classify pixels of one colour each, masks [N, H, W] (bool), by the shape template that
+    overlaps them best, placed at the pixels' bounding-box centre (a triangle's centre is the
+    middle of its box too); fewer than 3 pixels: not found."""
+    n, size = masks.shape[0], masks.shape[-1]
     unit = WORLD / size
-    if int(mask.sum()) < 3:
-        return Detection(False)
-    ys, xs = mask.nonzero(as_tuple=True)
-    y0, y1 = float(ys.min()) * unit, float(ys.max() + 1) * unit
-    x0, x1 = float(xs.min()) * unit, float(xs.max() + 1) * unit
-    shapes, radii, names = _templates(size, mask.device)
-    n = len(names)
-    cx = torch.full((n,), (x0 + x1) / 2, device=mask.device)
-    # a triangle's centre (the point its radius is measured from) is the middle of its box
-    cy = torch.full((n,), (y0 + y1) / 2, device=mask.device)
-    cover = coverage(shapes, cx, cy, radii, size) > 0.5
-    inter = (cover & mask).flatten(1).sum(1).float()
-    union = (cover | mask).flatten(1).sum(1).float()
-    iou = inter / union.clamp_min(1)
-    best = int(iou.argmax())
-    return Detection(True, names[best][0], names[best][1], float(iou[best]), (x0 + x1) / 2, (y0 + y1) / 2, y1 - y0)
+    shapes, radii, names = _templates(size, masks.device)
+    out: list[Detection] = [Detection(False)] * n
+    count = masks.flatten(1).sum(1)
+    index = (count >= 3).nonzero().flatten()
+    coords = torch.arange(size, device=masks.device, dtype=torch.float32)
+    big = float(size + 1)
+    for part in index.split(batch):
+        m = masks[part]  # [P, H, W]
+        rows, cols = m.any(2), m.any(1)  # [P, H], [P, W]
+        y0 = torch.where(rows, coords, big).min(1).values * unit
+        y1 = (torch.where(rows, coords, -1.0).max(1).values + 1) * unit
+        x0 = torch.where(cols, coords, big).min(1).values * unit
+        x1 = (torch.where(cols, coords, -1.0).max(1).values + 1) * unit
+        cx, cy = ((x0 + x1) / 2).repeat_interleave(len(names)), ((y0 + y1) / 2).repeat_interleave(len(names))
+        cover = coverage(shapes.repeat(len(part)), cx, cy, radii.repeat(len(part)), size) > 0.5
+        cover = cover.view(len(part), len(names), size, size)
+        inter = (cover & m.unsqueeze(1)).flatten(2).sum(2).float()
+        union = (cover | m.unsqueeze(1)).flatten(2).sum(2).float()
+        iou, best = (inter / union.clamp_min(1)).max(1)
+        for j, k in enumerate(part.tolist()):
+            b = int(best[j])
+            out[k] = Detection(True, names[b][0], names[b][1], float(iou[j]), float((x0[j] + x1[j]) / 2),
+                               float((y0[j] + y1[j]) / 2), float(y1[j] - y0[j]))
+    return out
 
 
 def decode_detections(latents: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Detection]]]:
     """Latents [1, 16, F, H, W] -> RGB frames [F, 3, H, W] and per frame a detection per colour."""
     rgb = to_rgb(latents)[0]
-    masks = colour_masks(rgb)
-    found = []
-    for f in range(rgb.shape[0]):
-        found.append({c: detect(masks[f, j]) for j, c in enumerate(COLOURS)})
-    return rgb, found
+    masks = colour_masks(rgb)  # [F, colours, H, W]
+    found = detect(masks.flatten(0, 1))
+    k = len(COLOURS)
+    return rgb, [dict(zip(COLOURS, found[f * k:(f + 1) * k])) for f in range(rgb.shape[0])]
 
 
 def identity_hits(story: Story, found: list[dict[str, Detection]], frames: range | None = None) -> list[tuple[int, bool]]:

@@ -10,6 +10,7 @@ from .model_nodes import GFDRRoPE, GFLoadCausalWanModel
 from .prompt_nodes import GFAPRTransition, GFCut, GFPromptSegment, GFPromptTimeline
 from .sampler_nodes import GFSampler
 from .timeline_nodes import GFEventTimeline
+from .toy_nodes import GFToyWorldDecode, GFToyWorldModel, GFToyWorldPrompt, GFToyWorldTimeline
 
 NODES: list[type[io.ComfyNode]] = [
     GFLoadCausalWanModel,
@@ -22,6 +23,10 @@ NODES: list[type[io.ComfyNode]] = [
     GFSampler,
     GFStreamDecode,
     GFEventTimeline,
+    GFToyWorldModel,
+    GFToyWorldPrompt,
+    GFToyWorldTimeline,
+    GFToyWorldDecode,
 ]
 
 

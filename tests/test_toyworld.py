@@ -173,3 +173,103 @@ def test_random_scripts_play():
         kinds |= {s.kind for s in story.sentences}
         assert len(story) >= 60
     assert kinds == {"opening", "switch", "cut", "enter"}
+
+
+# -- in ComfyUI (skipped without GF_COMFYUI_PATH) -------------------------------------------------
+
+TOY_NODES = ("GFToyWorldModel", "GFToyWorldPrompt", "GFToyWorldTimeline", "GFToyWorldDecode")
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """ComfyUI imported on CPU with temporary folders, core's extra nodes and this pack."""
+    import asyncio
+    import os
+    import sys
+
+    path = os.environ.get("GF_COMFYUI_PATH")
+    if not path:
+        pytest.skip("set GF_COMFYUI_PATH to a ComfyUI checkout to run the ComfyUI part")
+    root = tmp_path_factory.mktemp("comfy")
+    sys.path.insert(0, path)
+    import comfy.cli_args as cli
+    import utils.extra_config
+    import utils.install_util  # noqa: F401
+
+    cli.args.cpu = True
+    import folder_paths
+
+    for name in ("output", "temp", "input"):
+        (root / name).mkdir()
+    folder_paths.set_output_directory(str(root / "output"))
+    folder_paths.set_temp_directory(str(root / "temp"))
+    folder_paths.set_input_directory(str(root / "input"))
+    import execution
+
+    import nodes
+
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    assert asyncio.run(nodes.load_custom_node(str(ROOT)))
+    return nodes.NODE_CLASS_MAPPINGS, execution
+
+
+def _api_prompt(workflow: dict, mappings: dict) -> dict:
+    """A UI-format workflow as the API prompt the frontend would send (widgets in input order)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] == "Note":
+            continue
+        values = list(node["widgets_values"])
+        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
+        inputs = {}
+        spec = mappings[node["type"]].INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, definition in spec.get(section, {}).items():
+                options = definition[1] if len(definition) > 1 else {}
+                if name in linked:
+                    inputs[name] = [str(linked[name][1]), linked[name][2]]
+                elif values:
+                    inputs[name] = values.pop(0)
+                    if options.get("control_after_generate"):
+                        values.pop(0)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_toy_nodes_register_and_the_workflow_validates(comfy):
+    import asyncio
+    import json
+
+    mappings, execution = comfy
+    for node_id in TOY_NODES:
+        schema = mappings[node_id].GET_SCHEMA()
+        assert schema.category.startswith("Grounded Forcing") and all(i.tooltip for i in schema.inputs)
+    workflow = json.loads((ROOT / "workflows" / "gf_toy_world.json").read_text())
+    prompt = _api_prompt(workflow, mappings)
+    assert {n["class_type"] for n in prompt.values()} >= {"GFToyWorldModel", "GFToyWorldTimeline", "GFSampler",
+                                                         "GFToyWorldDecode"}
+    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("gf-toy", prompt, None))
+    assert ok and not node_errors and outputs, (error, node_errors)
+
+
+def test_toy_model_samples_in_comfyui_as_in_the_engine(comfy):
+    from grounded_forcing.gf_core.latents import to_normalised
+    from grounded_forcing.nodes.policy import build_memory
+
+    mappings, _ = comfy
+    model = mappings["GFToyWorldModel"].execute()[0]
+    script = "3f | a big red circle moves right on the grass\n3f | cut to the snow where it bounces"
+    segments = mappings["GFToyWorldTimeline"].execute(script)[0]
+    assert [s.transition.kind for s in segments] == ["default", "cut"]
+    memory = build_memory()
+    latent = mappings["GFSampler"].execute(model, memory, segments, 256, 256, 3, 1, "reference", "off")[0]
+    reference = gf.generate(tw.load_model(), list(segments), memory, width=256, height=256, seed=3).latents
+    assert torch.allclose(to_normalised(latent["samples"]), reference, atol=2e-2)
+    images = mappings["GFToyWorldDecode"].execute(latent, "16 fps")[0]
+    assert images.shape == (1 + 4 * 5, 256, 256, 3)
+    cond = mappings["GFToyWorldPrompt"].execute("a big red circle bounces on the grass")[0]
+    assert cond[0][0].shape == (1, 8, tw.SHIPPED_TEXT_DIM)
+    with pytest.raises(ValueError, match="does not know the word 'dog'") as info:  # the pack's BadInput
+        mappings["GFToyWorldTimeline"].execute("3s | a big red dog bounces on the grass")
+    assert type(info.value).__name__ == "BadInput"

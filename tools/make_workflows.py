@@ -300,4 +300,33 @@ g.connect(stitched, 0, create, "images")
 save = g.add("SaveVideo", (2480, 100), (640, 420), filename_prefix="video/gf_ab_memory_policies")
 g.connect(create, 0, save, "video")
 g.save("gf_ab_memory_policies")
+
+
+# 5. The toy world: the whole pack with the model it ships, nothing to download -----------------
+def toy_world():
+    g = Graph()
+    g.note("GF toy world: runs as it is, with nothing to download. A small Wan2.1-architecture model that "
+           "ships with the pack, trained on a toy world of shapes on simple scenes (256x256), plays a five-line "
+           "script: the red circle moves right, a prompt switch makes it bounce, a cut moves it to the snow, a "
+           "second subject enters. Change the sentences (the timeline's tooltip lists the words) or the memory "
+           "policy and run again; on a CPU it takes under a minute. GF Toy World Decode shows the latents "
+           "through the Wan latent-to-RGB map the toy world is made with, so no VAE is needed. For real video, "
+           "open the other workflows and download a causal Wan2.1 model.", (-480, 0), (440, 420))
+    model = g.add("GFToyWorldModel", (0, 0), (320, 60))
+    timeline = g.add("GFToyWorldTimeline", (0, 120), (520, 260))
+    mem = g.add("GFDualMemory", (560, -200), (320, 300))
+    sampler = g.add("GFSampler", (560, 140), (320, 260), width=256, height=256, seed=0)
+    g.connect(model, 0, sampler, "model")
+    g.connect(mem, 0, sampler, "memory")
+    g.connect(timeline, 0, sampler, "segments")
+    decode = g.add("GFToyWorldDecode", (920, 0), (320, 100))
+    g.connect(sampler, "latent", decode, "samples")
+    create = g.add("CreateVideo", (920, 160), (320, 100), fps=16.0)
+    g.connect(decode, 0, create, "images")
+    save = g.add("SaveVideo", (1280, 0), (420, 460), filename_prefix="video/gf_toy_world")
+    g.connect(create, 0, save, "video")
+    g.save("gf_toy_world")
+
+
+toy_world()
 print("wrote", ", ".join(sorted(p.name for p in (REPO / "workflows").glob("*.json"))))
