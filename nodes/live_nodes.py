@@ -163,26 +163,32 @@ class GFLiveSampler(io.ComfyNode):
 
 def _keep_partial(run: live.LiveRun | None, mp4: Mp4Writer, sink: live.FrameSink, header: list[str]) -> None:
     """A cancelled or failed take keeps what it finished: its latents (core's .latent), its script
-    and its video, in ComfyUI's output folder under grounded_forcing/."""
+    and its video, in ComfyUI's output folder under grounded_forcing/. Never raises: the error
+    that ended the take is the one to report."""
     made = run is not None and run.chunks
     script = run.take.script(header) if made else ""
-    if run is not None:
-        try:
+    try:
+        if run is not None:
             run.finish("cancelled", script)
-        except Exception as e:  # the take's files matter more than the page's last message
-            log.warning("Grounded Forcing: the live page was not told that the take ended: %s", e)
-    _close(sink, mp4)
-    if not made:
-        os.remove(mp4.path)
-        return
-    folder = os.path.join(folder_paths.get_output_directory(), "grounded_forcing")
-    where = sampling.write_partial(folder, to_raw(run.latents), run.events)
-    stem = os.path.splitext(where)[0]
-    with open(stem + ".txt", "w", encoding="utf-8") as fh:
-        fh.write(script)
-    os.replace(mp4.path, stem + ".mp4")
-    log.warning("Grounded Forcing: the live take stopped after %d latent frames; its latents, script and video were "
-                "saved as %s (.latent, .txt, .mp4)", run.take.latent_frames, stem)
+    except Exception as e:  # the take's files matter more than the page's last message
+        log.warning("Grounded Forcing: the live page was not told that the take ended: %s", e)
+    try:
+        _close(sink, mp4)
+        if not made:
+            if os.path.exists(mp4.path):
+                os.remove(mp4.path)
+            return
+        folder = os.path.join(folder_paths.get_output_directory(), "grounded_forcing")
+        where = sampling.write_partial(folder, to_raw(run.latents), run.events)
+        stem = os.path.splitext(where)[0]
+        with open(stem + ".txt", "w", encoding="utf-8") as fh:
+            fh.write(script)
+        if os.path.exists(mp4.path):
+            os.replace(mp4.path, stem + ".mp4")
+        log.warning("Grounded Forcing: the live take stopped after %d latent frames; its latents, script and video "
+                    "were saved as %s (.latent, .txt, .mp4)", run.take.latent_frames, stem)
+    except Exception as e:
+        log.warning("Grounded Forcing: the finished part of the live take could not be saved: %s", e)
 
 
 def _close(sink: live.FrameSink, mp4: Mp4Writer) -> None:

@@ -106,6 +106,7 @@ class Panel {
   constructor(node) {
     this.node = node;
     this.sent = new Map(); // command number -> performance.now() when it was sent
+    this.appliedAt = {}; // command number -> the chunk first made under it
     this.latency = null;
     this.genFps = null;
     this.madeFrames = 0;
@@ -192,6 +193,7 @@ class Panel {
   start(detail) {
     this.player.reset(detail.fps ?? 16);
     this.sent.clear();
+    this.appliedAt = {};
     this.latency = null;
     this.genFps = null;
     this.madeFrames = detail.latent_frames ?? 0;
@@ -205,6 +207,7 @@ class Panel {
     this.madeFrames = detail.latent_frames;
     if (detail.gen_fps) this.genFps = detail.gen_fps;
     for (const seq of detail.applied ?? []) {
+      this.appliedAt[seq] = detail.chunk;
       const sentAt = this.sent.get(String(seq));
       if (sentAt !== undefined) {
         this.latency = (performance.now() - sentAt) / 1000;
@@ -217,6 +220,7 @@ class Panel {
     this.player.ended = true;
     this.reply.textContent = "";
     this.endReason = detail.reason;
+    this.root.dataset.total = detail.pixel_frames;
   }
 
   render() {
@@ -228,7 +232,10 @@ class Panel {
     this.pauseButton.textContent = p.held ? "Resume" : "Pause";
     const live = take && take.state !== "ended" && this.root.dataset.session === take.session;
     for (const b of this.root.querySelectorAll("button")) b.disabled = !live;
-    Object.assign(this.root.dataset, { received: p.received, played: p.played, buffered: p.queue.length });
+    Object.assign(this.root.dataset, {
+      received: p.received, played: p.played, buffered: p.queue.length, latent: this.madeFrames,
+      applied: JSON.stringify(this.appliedAt),
+    });
     if (!this.root.dataset.session) return;
     const gen = this.genFps ? `${this.genFps.toFixed(1)}` : "-";
     const lat = this.latency === null ? "-" : `${this.latency.toFixed(2)} s`;
