@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from grounded_forcing.nodes import live, prompts
 from helpers import CFG, RUN
 from PIL import Image
 
+REPO = Path(__file__).resolve().parent.parent
 SESSION = "abc123"
 
 
@@ -342,3 +345,22 @@ def test_a_cancelled_take_keeps_its_finished_chunks(model):
     with pytest.raises(InterruptedError):
         run.run("a fox")
     assert run.latents.shape[2] == 9 and run.take.script() == "9f | a fox\n"
+
+
+def test_live_speed_bench_runs_at_tiny_size(tmp_path):
+    """bench/live_speed.py (run on a GPU at full size) keeps working: its logic on the tiny model."""
+    import importlib.util
+
+    path = REPO / "bench" / "live_speed.py"
+    spec = importlib.util.spec_from_file_location("live_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--tiny", "--comfyui", "", "--frames", "30", "--prompts", "2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "live_speed.json").read_text())
+    assert saved["latent_frames"] == 30 and saved["chunks"] == 10 and saved["decode"] is False
+    assert len(saved["prompt_latency_s"]) == 2 and all(s > 0 for s in saved["prompt_latency_s"])
+    lines = prompts.parse_script(saved["script"])
+    assert [x.text for x in lines] == ["prompt 0", "prompt 1", "prompt 2"]
+    assert sum(x.frames for x in lines) == 30
+    assert saved["switch_chunks"] == [lines[0].frames // 3, (lines[0].frames + lines[1].frames) // 3]
+    assert saved["steady_fps"] > 0 and saved["latency_bound_s"] > 0 and result["fps"] == saved["fps"]
