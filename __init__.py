@@ -4,7 +4,9 @@ ComfyUI loads this folder as a package and calls :func:`comfy_entrypoint`. The n
 ``nodes/`` (thin V3 adapters) and the engine in ``gf_core/`` (pure torch, never imports comfy).
 """
 
-__all__ = ["comfy_entrypoint"]
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
+
+WEB_DIRECTORY = "./web"  # the GF Live Sampler panel (served by ComfyUI under /extensions/<this folder>/)
 
 
 async def comfy_entrypoint():

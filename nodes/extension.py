@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .decode_nodes import GFStreamDecode
+from .live_nodes import GFLiveSampler
 from .memory_nodes import GFDualMemory
 from .model_nodes import GFDRRoPE, GFLoadCausalWanModel
 from .prompt_nodes import GFAPRTransition, GFCut, GFPromptSegment, GFPromptTimeline
@@ -27,6 +28,7 @@ NODES: list[type[io.ComfyNode]] = [
     GFToyWorldPrompt,
     GFToyWorldTimeline,
     GFToyWorldDecode,
+    GFLiveSampler,
 ]
 
 

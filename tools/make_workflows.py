@@ -329,4 +329,32 @@ def toy_world():
 
 
 toy_world()
+
+# 5. Live: steer the video from the node's panel ------------------------------------------------
+def live_workflow():
+    g = Graph()
+    g.note("GF Live: press Run, then steer the video in the GF Live Sampler panel while it plays. Type the next "
+           "prompt and press Enter (it takes effect at the next chunk boundary, with the transition chosen "
+           "beside the box: apr, hard or none); Cut (or Ctrl+Enter) starts a new shot, to the typed prompt if "
+           "any; Pause holds generation and playback; Stop ends the take. The status line shows the generation "
+           "rate against playback (16 fps), the buffer and the latency from a sent prompt to its first frame."
+           "\n\nThe take comes out as latents, a video and a GF Prompt Timeline script (shown on the right): paste "
+           "it into GF Prompt Timeline and run GF Sampler with the same model, memory, seed and size and "
+           "noise_order 'chunk' to make the same video again, bit for bit (docs/LIVE.md).\n\n" + MODEL_NOTE,
+           (-480, 0), (440, 820))
+    model, clip, vae = loaders(g)
+    mem = g.add("GFDualMemory", (400, -160), (320, 300))
+    sampler = g.add("GFLiveSampler", (780, 0), (460, 760), seed=42)
+    g.connect(model, 0, sampler, "model")
+    g.connect(mem, 0, sampler, "memory")
+    g.connect(clip, 0, sampler, "clip")
+    g.connect(vae, 0, sampler, "vae")
+    save = g.add("SaveVideo", (1280, 0), (480, 420), filename_prefix="video/gf_live")
+    g.connect(sampler, "video", save, "video")
+    script = g.add("PreviewAny", (1280, 460), (480, 300), title="The take as a timeline script")
+    g.connect(sampler, "script", script, "source")
+    g.save("gf_live")
+
+
+live_workflow()
 print("wrote", ", ".join(sorted(p.name for p in (REPO / "workflows").glob("*.json"))))

@@ -1,0 +1,205 @@
+"""Live steering speed: GF Live Sampler's loop (generation + Wan VAE decode + JPEG for the page),
+unpaced, against 16 frames/s of playback, and the latency from a prompt sent mid-run to its first frame.
+
+Random full-size Wan2.1-1.3B weights, 832x480, bf16, the grounded memory, a random-weight Wan2.1 VAE
+(ComfyUI's module, as in bench/throughput.py) decoding every chunk as it is made. A second thread plays
+the page: it sends ``--prompts`` prompts at random moments of the run (APR switches). One command:
+
+    python bench/live_speed.py --comfyui PATH/TO/ComfyUI --out docs/results/live_speed_h200.json
+
+Reported: pixel frames decoded per second over the whole take and after the first chunks
+(``steady_fps``, the figure to hold against 16), per chunk the diffusion and the decode time, and per
+prompt the seconds from its arrival to its first decoded frame, with the bound they are held to:
+two chunk times (generation + decode) plus one chunk's decode. ``--tiny`` runs the same logic on a
+tiny model on the CPU (decode only with ``--comfyui``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from report import run_header, write_json  # noqa: E402
+
+PACKAGE = "grounded_forcing"
+PLAYBACK_FPS = 16
+WARM_CHUNKS = 4  # chunks left out of the steady rate (first chunks fill the memory; fused ones compile)
+
+
+def load_pack():
+    """The repository as the package ``grounded_forcing`` (nodes/live.py uses relative imports)."""
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = module
+        spec.loader.exec_module(module)
+    from grounded_forcing import gf_core
+    from grounded_forcing.nodes import live
+
+    return gf_core, live
+
+
+def fake_prompts(count: int, rows: int, text_dim: int) -> list[torch.Tensor]:
+    """umT5-like embeddings [1, rows, text_dim]: random rows up to a prompt length, zeros after."""
+    out = []
+    for i in range(count):
+        e = torch.randn(1, rows, text_dim, generator=torch.Generator().manual_seed(100 + i)) * 0.2
+        e[:, min(rows, 24 + 16 * i):] = 0
+        out.append(e)
+    return out
+
+
+def build(args, gf):
+    """(model, size, dtype, device, VAE module or None, decoding module or None)."""
+    if args.tiny:
+        cfg, dtype, device, size = gf.WanConfig.tiny(), torch.float32, "cpu", (32, 32)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        cfg, dtype, device, size = gf.WanConfig(), torch.bfloat16, "cuda", (480, 832)
+    sd = gf.random_state_dict(cfg, seed=1234, dtype=dtype, device=device)
+    model = gf.WanModel.from_state_dict(sd, dtype=dtype, device=device)
+    del sd
+    vae = decoding = None
+    if args.comfyui:
+        from throughput import wan_vae
+
+        vae, decoding = wan_vae(args.comfyui, device, dtype)
+    return model, cfg, size, dtype, device, vae, decoding
+
+
+def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames: int, prompt_times: list[float]):
+    """One unpaced live take of ``frames`` latent frames; a thread sends a prompt at each fraction of
+    ``prompt_times`` (of the expected run, in chunks). Returns the run and its per-chunk clock."""
+    height, width = size
+    rows = 16 if args.tiny else 512
+    embeddings = fake_prompts(len(prompt_times) + 1, rows, cfg.text_dim)
+    texts = [f"prompt {i}" for i in range(len(embeddings))]
+    session = live.LiveSession(node="bench")
+    engine = gf.Session(model, "grounded", gf.RunConfig(height=height, width=width, batch_size=1, seed=0,
+                                                        chunk_frames=3, noise_order="chunk", kernels=args.kernels,
+                                                        dtype=dtype, device=device))
+    decoder = None
+    if vae is not None:
+        decoder = live.PixelDecoder(decoding.StreamDecoder(vae), lambda x: (x + 1) / 2, torch.device(device), dtype)
+    sent_bytes = [0]
+
+    def send(event, data):  # the page: JPEGs are encoded (in the sink's thread) and counted
+        sent_bytes[0] += sum(len(f) for f in data.get("frames", []))
+
+    sink = live.FrameSink(send)
+    clock: dict[int, float] = {}
+    chunks = frames // 3
+    rng = random.Random(0)
+
+    def page():
+        for k, at in enumerate(prompt_times):
+            target = int(at * (chunks - 2))  # room left for the prompt to take effect
+            while len(clock) <= target and session.state != "ended":
+                time.sleep(0.002)
+            if session.state == "ended":
+                return
+            gaps = sorted(clock.values())
+            chunk_s = (gaps[-1] - gaps[-2]) if len(gaps) > 1 else 0.0
+            time.sleep(rng.uniform(0, 0.8 * chunk_s))  # somewhere inside the chunk being made
+            session.submit(live.parse_command({"session": session.id, "type": "prompt", "text": texts[k + 1]})[1])
+
+    thread = threading.Thread(target=page, daemon=True)
+    run = live.LiveRun(engine, session, lambda text: embeddings[texts.index(text)], frames, 3, decoder=decoder,
+                       sink=sink, on_chunk=lambda index: clock.__setitem__(index, time.perf_counter()))
+    thread.start()
+    began = time.perf_counter()
+    reason = run.run(texts[0])
+    run.finish(reason, run.take.script())
+    ended = time.perf_counter()
+    error = sink.close()
+    sink_done = time.perf_counter()
+    thread.join()
+    engine.close()
+    if error is not None:
+        raise error
+    return run, clock, began, ended, sink_done - ended, sent_bytes[0]
+
+
+def summarise(run, clock: dict[int, float], began: float, ended: float, sink_lag: float, sent_bytes: int,
+              decode: bool) -> dict:
+    events = run.events
+    made = [e["live"]["made_s"] for e in events]
+    busy = [e["live"]["busy_s"] for e in events]
+    decode_s = [b - m for b, m in zip(busy, made)]
+    switches = {i for i, e in enumerate(events) if e.get("switch")}
+    plain = [i for i in range(WARM_CHUNKS, len(events)) if i not in switches] or list(range(len(events)))
+    chunk_s = statistics.median(busy[i] for i in plain)
+    chunk_decode_s = statistics.median(decode_s[i] for i in plain)
+    pixel = run.pixel_frames_sent if decode else 4 * run.take.latent_frames
+    steady = None
+    if len(clock) > WARM_CHUNKS + 1:
+        first, last = WARM_CHUNKS, max(clock)
+        steady_frames = 4 * 3 * (last - first)  # 12 pixel frames per chunk after the first
+        steady = steady_frames / (clock[last] - clock[first])
+    latencies = [e["live"]["applied"]["latency_s"] for e in events if "applied" in e["live"]]
+    bound = 2 * chunk_s + chunk_decode_s
+    return {
+        "latent_frames": run.take.latent_frames, "chunks": len(events), "pixel_frames": pixel,
+        "decode": decode, "seconds": round(ended - began, 3), "fps": round(pixel / (ended - began), 2),
+        "steady_fps": None if steady is None else round(steady, 2),
+        "steady_over_playback": None if steady is None else round(steady / PLAYBACK_FPS, 3),
+        "median_chunk_s": round(chunk_s, 4), "median_diffusion_s": round(statistics.median(made[i] for i in plain), 4),
+        "median_decode_s": round(chunk_decode_s, 4), "switch_chunks": sorted(switches),
+        "switch_chunk_s": [round(busy[i], 4) for i in sorted(switches)],
+        "prompt_latency_s": latencies, "latency_bound_s": round(bound, 4),
+        "latency_within_bound": bool(latencies) and max(latencies) <= bound,
+        "page_bytes": sent_bytes, "page_lag_s": round(sink_lag, 3), "script": run.take.script(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfyui", default=os.environ.get("GF_COMFYUI_PATH"),
+                    help="ComfyUI checkout for the Wan VAE module (without it: no decode)")
+    ap.add_argument("--frames", type=int, default=240, help="latent frames of the timed take (240 = 60 s)")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts the page thread sends during the take")
+    ap.add_argument("--kernels", default="auto", choices=("auto", "fused", "eager"))
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (tests the script's logic)")
+    ap.add_argument("--out", help="JSON file, or a folder to write live_speed.json into")
+    args = ap.parse_args(argv)
+    gf, live = load_pack()
+    model, cfg, size, dtype, device, vae, decoding = build(args, gf)
+    times = [(k + 1) / (args.prompts + 1) for k in range(args.prompts)]
+    # warm-up: every shape of the take once (memory filling, a switch; fused blocks compile here)
+    take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, 36, [0.5])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    run, clock, began, ended, lag, sent = take(gf, live, model, cfg, size, dtype, device, vae, decoding, args,
+                                               args.frames, times)
+    result = run_header(bench="live_speed", size=f"{size[1]}x{size[0]}", memory="grounded", kernels=args.kernels,
+                        tiny=args.tiny, playback_fps=PLAYBACK_FPS,
+                        **summarise(run, clock, began, ended, lag, sent, vae is not None))
+    if device == "cuda":
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out = args.out
+    if out and (os.path.isdir(out) or out.endswith(os.sep)):
+        os.makedirs(out, exist_ok=True)
+        out = os.path.join(out, "live_speed.json")
+    write_json(result, out)
+    print(f"{result['pixel_frames']} pixel frames in {result['seconds']:.1f} s: {result['fps']:.1f} fps overall, "
+          f"steady {result['steady_fps']} fps against {PLAYBACK_FPS}; chunk {result['median_chunk_s'] * 1e3:.0f} ms "
+          f"(decode {result['median_decode_s'] * 1e3:.0f} ms); prompt latency {result['prompt_latency_s']} s, "
+          f"bound {result['latency_bound_s']:.3f} s", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
