@@ -217,7 +217,7 @@ def validate(model_cfg: WanConfig, segments: list[Segment], policy: MemoryPolicy
 
 def validate_memory(policy: MemoryPolicy, config: RunConfig) -> None:
     """The policy itself and how it goes with the batch."""
-    if not isinstance(policy, MemoryPolicy):
+    if not callable(getattr(policy, "validate", None)) or not hasattr(policy, "regions"):  # (any copy of the class)
         raise BadInput(f"memory {policy!r} is not a memory policy; use a preset name or a gf_core.MemoryPolicy")
     policy.validate(config.chunk_frames)
     if config.batch_size > 1 and policy.anchor_region and policy.candidates != "frozen":
