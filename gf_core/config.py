@@ -31,6 +31,7 @@ SPATIAL_DOWNSCALE = 8  # Wan VAE: 8 pixels per latent pixel
 MAX_SIDE = 4096  # the largest frame width or height accepted, in pixels
 MAX_LATENT_FRAMES = 20_000  # the longest video accepted, in latent frames
 MAX_BATCH = 64  # the most videos made side by side
+MAX_REFERENCE_NOISE_BYTES = 4 * 2**30  # host memory the "reference" draw order may hold for the initial noise
 SEED_RANGE = (0, 2**64 - 1)  # a seed outside would alias another one (PyTorch wraps it)
 
 NoiseOrder = Literal["reference", "chunk"]
@@ -135,6 +136,11 @@ def chunk_plan(segments: list[Segment], chunk_frames: int) -> list[tuple[int, in
     return plan
 
 
+def planned_frames(segments: list[Segment], chunk_frames: int) -> int:
+    """Latent frames the plan of ``segments`` makes: their sum, rounded up to whole chunks."""
+    return math.ceil(sum(s.frames for s in segments) / chunk_frames) * chunk_frames
+
+
 def check_prompt(prompt: object, model_cfg: WanConfig, batch_size: int, where: str) -> None:
     """A prompt embedding [1 or B, L >= 1, text_dim] of finite floats, or one sentence naming ``where`` it is."""
     if not isinstance(prompt, torch.Tensor):
@@ -204,14 +210,14 @@ def validate(model_cfg: WanConfig, segments: list[Segment], policy: MemoryPolicy
         raise BadInput("no prompt segments were given; add at least one segment")
     for k, segment in enumerate(segments):
         check_frames(segment, k, config)
-    check_length(chunk_plan(segments, config.chunk_frames)[-1][0] + config.chunk_frames, policy)
+    check_length(planned_frames(segments, config.chunk_frames), policy)
     for k, segment in enumerate(segments):
         check_segment(segment, k, policy, model_cfg, config)
 
 
 def validate_memory(policy: MemoryPolicy, config: RunConfig) -> None:
     """The policy itself and how it goes with the batch."""
-    if not isinstance(policy, MemoryPolicy):
+    if not callable(getattr(policy, "validate", None)) or not hasattr(policy, "regions"):  # (any copy of the class)
         raise BadInput(f"memory {policy!r} is not a memory policy; use a preset name or a gf_core.MemoryPolicy")
     policy.validate(config.chunk_frames)
     if config.batch_size > 1 and policy.anchor_region and policy.candidates != "frozen":

@@ -18,6 +18,7 @@ stepped chunk by chunk makes exactly what ``generate`` makes with the same segme
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -29,10 +30,12 @@ from torch import nn
 
 from .config import (
     LATENT_CHANNELS,
+    MAX_REFERENCE_NOISE_BYTES,
     RunConfig,
     check_length,
     check_segment,
     chunk_plan,
+    planned_frames,
     validate,
     validate_memory,
 )
@@ -127,6 +130,11 @@ class NoiseSource:
         elif config.noise_order == "reference" and total_frames is None:
             raise BadInput("the 'reference' noise order draws the whole video's noise first, so it needs the "
                            "segments up front; pass segments=, or use noise_order='chunk'")
+        elif config.noise_order == "reference":
+            held = math.prod(self._shape(total_frames)) * torch.empty((), dtype=dtype).element_size()
+            if held > MAX_REFERENCE_NOISE_BYTES:
+                raise BadInput(f"the 'reference' noise order would hold {held / 2**30:.1f} GiB of initial noise for "
+                               f"this video; use noise_order='chunk' (nothing grows with the length) or a shorter video")
 
     def _shape(self, frames: int) -> tuple[int, ...]:
         return (self.config.batch_size, frames, LATENT_CHANNELS, *self.config.latent_hw)
@@ -200,7 +208,7 @@ class Session:
         self.dtype = config.dtype or weight.dtype
         self.device = torch.device(config.device) if config.device is not None else weight.device
         self.kernels = choose(config.kernels, self.device, config.rope_kind, attention)
-        total = chunk_plan(self.segments, config.chunk_frames)[-1][0] + config.chunk_frames if segments else None
+        total = planned_frames(self.segments, config.chunk_frames) if segments else None
         generator = generator or torch.Generator(device=self.device).manual_seed(config.seed)
         self.noise = NoiseSource(config, generator, self.device, self.dtype, total, noise)
         scratch = config.chunk_frames if self.kernels.read_in_place else 0

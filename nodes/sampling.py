@@ -78,6 +78,9 @@ def run_config(width: int, height: int, seed: int, batch_size: int, noise_order:
 def check(module: nn.Module, segments: Segments, memory: MemoryPolicy, config: RunConfig) -> WanConfig:
     """Every check that can fail before the model is loaded; one-sentence :class:`BadInput`."""
     cfg = check_model(module)
+    if config.kernels == "fused" and config.rope_kind != "float32":
+        raise BadInput(f"fused blocks rotate in float32, but GF DR-RoPE asks for {config.rope_kind}; set its "
+                       "precision to float32 or set fused to auto or off")
     if config.device is not None:
         resolve(config.kernels, config.device, config.rope_kind)  # "fused" where it cannot run is refused
     validate(cfg, list(segments), memory, config)
