@@ -1,8 +1,8 @@
 """Wan2.1 VAE stream decode speed on one GPU, with cuDNN's autotuner off and on.
 
-ComfyUI's ``WanVAE`` at the Wan2.1 shape with random weights, bf16, decoding latent frames one
-by one through ``nodes/decoding.StreamDecoder`` (what GF Stream Decode and the end-to-end rows of
-bench/throughput.py do), at 832x480:
+ComfyUI's ``WanVAE`` at the Wan2.1 shape with random weights, bf16, decoding the latent frames
+group by group, in the installed ComfyUI's own grouping, through ``nodes/decoding.StreamDecoder``
+(what GF Stream Decode does), at 832x480:
 
     python bench/decode_speed.py --comfyui $GF_COMFYUI_PATH --frames 30
 """
@@ -41,7 +41,7 @@ def main() -> None:
             decoder = decoding.StreamDecoder(vae)
             torch.cuda.synchronize()
             began = time.perf_counter()
-            frames = list(decoder.frames(z[:, :, :4] if attempt == "warm-up" else z))
+            frames = [*decoder.push_groups(z[:, :, :4] if attempt == "warm-up" else z), decoder.flush()]
             torch.cuda.synchronize()
             seconds = time.perf_counter() - began
             outputs = frames
