@@ -728,6 +728,56 @@ def test_fused_sampler_with_fp8_weights_equals_unfused(host):
     assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=1e-4), float((outs[1] - outs[0]).abs().max())
 
 
+def test_plain_wan_takes_the_weights_the_patcher_applied(host):
+    """Fused runs compile plain modules holding what core's layers compute with: a patch core's
+    patcher applied (here a LoRA-style diff) is in; a weight already on the device is shared."""
+    import comfy.model_management as mm
+    import comfy.sd
+    from grounded_forcing.nodes.comfy_model import plain_wan
+
+    sd = _tiny_wan()
+    key = "blocks.1.self_attn.q.weight"
+    diff = torch.randn(256, 256, generator=torch.Generator().manual_seed(4)) * 0.1
+    model = comfy.sd.load_diffusion_model_state_dict(_tiny_wan()).clone()
+    model.add_patches({f"diffusion_model.{key}": (diff,)}, 0.5)
+    mm.load_models_gpu([model])
+    plain = plain_wan(model, model.load_device, torch.float32)
+    assert isinstance(plain, gf.WanModel)
+    weights = plain.state_dict()
+    assert set(weights) == set(sd)
+    assert torch.allclose(weights[key], sd[key] + 0.5 * diff, atol=1e-6)
+    assert all(torch.equal(weights[k], sd[k]) for k in sd if k != key)
+    held = model.model.diffusion_model.blocks[0].ffn[0].weight
+    assert plain.blocks[0].ffn[0].weight.data_ptr() == held.data_ptr()
+
+
+def test_fused_blocks_compile_where_core_layers_cannot_be_traced(host, monkeypatch):
+    """Under dynamic VRAM (comfy-aimdo, ComfyUI's default on NVIDIA GPUs) core's layers page their
+    weights in through ctypes calls, which torch.compile cannot trace. A ctypes call in core's Linear
+    stands in for that on a CPU: core's layer no longer compiles, GF Sampler's fused run still does."""
+    import ctypes
+
+    import comfy.ops
+    from grounded_forcing.nodes import prompts
+
+    libc = ctypes.CDLL(None)
+    forward = comfy.ops.disable_weight_init.Linear.forward
+
+    def paged_forward(self, *args, **kwargs):
+        libc.getpid()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops.disable_weight_init.Linear, "forward", paged_forward)
+    layer = comfy.ops.manual_cast.Linear(8, 8)
+    layer.weight, layer.bias = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.zeros(8))
+    with pytest.raises(Exception) as info:
+        torch.compile(layer, fullgraph=True)(torch.randn(2, 8))
+    assert type(info.value).__name__ == "Unsupported"
+    segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(6)), 6)
+    outs = _fused_and_unfused(host, "default", segments)
+    assert torch.allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5), float((outs[1] - outs[0]).abs().max())
+
+
 def test_fused_sampler_refuses_complex128_rope_before_loading(host):
     from grounded_forcing.nodes import policy, prompts
 
