@@ -617,6 +617,26 @@ def test_stream_decode_node_equals_core_vae_decode(host):
 
 
 # ---------------------------------------------------------------------------------------------
+# (e) core's own causal Wan model (autoregressive video) runs in GF Sampler
+
+
+def test_causal_ar_file_loads_as_core_causal_wan_and_samples_in_gf_sampler(host):
+    if importlib.util.find_spec("comfy.ldm.wan.ar_model") is None:
+        pytest.skip("this ComfyUI has no CausalWanModel (core's autoregressive Wan model, comfy/ldm/wan/ar_model.py)")
+    import comfy.sd
+
+    model = comfy.sd.load_diffusion_model(str(host.models / "diffusion_models" / TINY_AR_MODEL))
+    assert type(model.model.diffusion_model).__name__ == "CausalWanModel"
+    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_AR_MODEL, "weight_dtype": "default"}}
+    prompt = _story_prompt(unet, {"10": {"class_type": "GFTestCapture", "inputs": {
+        "name": "causal_ar", "latent": ["9", 0], "events": ["9", 1]}}})
+    assert _run(host, prompt) == "execution_success"
+    latents = _captured(host)["causal_ar"]["latent"]["samples"]
+    reference = _reference_latents(_tiny_wan())
+    assert torch.allclose(to_normalised(latents), reference, atol=2e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
 # adapters called directly
 
 
