@@ -636,6 +636,48 @@ def test_causal_ar_file_loads_as_core_causal_wan_and_samples_in_gf_sampler(host)
     assert torch.allclose(to_normalised(latents), reference, atol=2e-3, rtol=1e-3)
 
 
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"gf_bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_comfy_versions_bench_samples_as_gf_sampler_does(host):
+    """bench/comfy_versions.py takes GF Sampler's steps without the node module (which needs PyAV):
+    the latents are the node's, fused blocks included."""
+    import comfy.sd
+    from grounded_forcing.nodes import policy, prompts
+
+    bench = _bench("comfy_versions")
+    model = comfy.sd.load_diffusion_model(str(host.models / "diffusion_models" / TINY_AR_MODEL))
+    embedding = bench.prompt_embedding()
+    latents, fused = bench.gf_sampler(model, embedding, 6, 32, 32, 0, "on")
+    node = host.nodes.NODE_CLASS_MAPPINGS["GFSampler"].execute(
+        model=model, memory=policy.build_memory(), segments=prompts.add_segment(None, embedding, 6), width=32,
+        height=32, seed=0, batch_size=1, noise_order="reference", fused="on").args[0]["samples"]
+    assert fused and torch.equal(latents, node)
+
+
+def test_comfy_versions_bench_runs_a_tree_in_its_own_process(host, tmp_path):
+    """The bench's command at tiny size on this tree: both samplers where core has its AR sampler."""
+    import subprocess
+
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "comfy_versions.py"), "--comfyui", COMFY, "--size", "tiny",
+                    "--frames", "6", "--warmup-frames", "3", "--width", "32", "--height", "32", "--fused", "off",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    (tree,) = json.loads(out.read_text())["trees"]
+    gf_row, core_row = tree["rows"]
+    assert gf_row["sampler"] == "gf_sampler_grounded" and gf_row["latent_shape"] == [1, 16, 6, 4, 4]
+    assert gf_row["finite"] and gf_row["seconds"] > 0 and gf_row["pixel_frames"] == 21
+    if importlib.util.find_spec("comfy.ldm.wan.ar_model") is None:
+        assert gf_row["model_class"] == "WanModel" and "no ar_video sampler" in core_row["skipped"]
+    else:
+        assert gf_row["model_class"] == core_row["model_class"] == "CausalWanModel"
+        assert core_row["latent_shape"] == [1, 16, 6, 4, 4] and core_row["finite"] and core_row["seconds"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # adapters called directly
 
