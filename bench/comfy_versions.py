@@ -114,28 +114,28 @@ def prompt_embedding(tokens: int = 24, seed: int = 1):
 
 
 def gf_sampler(model, embedding, frames: int, width: int, height: int, seed: int, fused: str):
-    """GF Sampler's ``execute`` (nodes/sampler_nodes.py) step by step for one prompt of ``frames``
-    latent frames, grounded memory, DR-RoPE as the MODEL carries it (default: dr_rope, float32).
-    Returns (raw latents [1, 16, F, H/8, W/8], whether fused blocks ran)."""
+    """GF Sampler's ``execute`` (nodes/sampler_nodes.py) step by step, less its check that the run
+    fits the GPU, for one prompt of ``frames`` latent frames, grounded memory, DR-RoPE as the MODEL
+    carries it (default: dr_rope, float32). Returns (raw latents [1, 16, F, H/8, W/8], whether fused
+    blocks ran)."""
     import comfy.model_management as mm
 
     load_pack()
+    from grounded_forcing.gf_core.kernels import resolve
     from grounded_forcing.nodes import comfy_model, policy, prompts, sampling
 
     segments = prompts.add_segment(None, embedding, frames)
     module = model.model.diffusion_model
     memory, rope_kind = policy.apply_rope(policy.build_memory(), policy.rope_options(model.model_options))
-    cfg = sampling.check(module, segments, memory, width, height, 1, "reference", fused, rope_kind, model.load_device)
-    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
-    use_fused = sampling.resolve_fused(fused, rope_kind, model.load_device)
-    mm.load_models_gpu([model], memory_required=sampling.working_bytes(
-        cfg, memory, width, height, 1, dtype, use_fused))
-    if use_fused:
-        module = comfy_model.plain_wan(model, model.load_device, dtype)
+    device, dtype = model.load_device, model.model.manual_cast_dtype or model.model.get_dtype()
+    config = sampling.run_config(width, height, seed, 1, "reference", fused, rope_kind, device, dtype)
+    cfg = sampling.check(module, segments, memory, config)
+    need = sampling.memory_estimate(cfg, memory, config, dtype, weight_bytes=model.model_size())
+    mm.load_models_gpu([model], memory_required=need.cache + need.activations)
+    if resolve(config.kernels, device, rope_kind) == "fused":
+        module = comfy_model.plain_wan(model, device, dtype)
     try:
-        result = sampling.sample(module, segments, memory, width=width, height=height, seed=seed, batch_size=1,
-                                 noise_order="reference", rope_kind=rope_kind, fused=fused,
-                                 device=model.load_device, dtype=dtype)
+        result = sampling.sample(module, segments, memory, config)
     finally:
         mm.soft_empty_cache()
     return result.latents, result.header["run"]["fused"]

@@ -172,6 +172,13 @@ def host(tmp_path_factory):
                            loaded=(loaded_pack, loaded_testing))
 
 
+def _pack(host, name: str):
+    """A module of the pack as ComfyUI loaded it: ComfyUI imports the folder under a name of its own,
+    so its node classes check against their own copy of the pack's types, not the tests' import."""
+    base = host.nodes.NODE_CLASS_MAPPINGS["GFSampler"].__module__.rsplit(".", 2)[0]
+    return sys.modules[f"{base}.nodes.{name}"]
+
+
 def _captured(host) -> dict:
     return sys.modules[host.nodes.NODE_CLASS_MAPPINGS["GFTestCapture"].__module__].CAPTURED
 
@@ -647,7 +654,7 @@ def test_comfy_versions_bench_samples_as_gf_sampler_does(host):
     """bench/comfy_versions.py takes GF Sampler's steps without the node module (which needs PyAV):
     the latents are the node's, fused blocks included."""
     import comfy.sd
-    from grounded_forcing.nodes import policy, prompts
+    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
 
     bench = _bench("comfy_versions")
     model = comfy.sd.load_diffusion_model(str(host.models / "diffusion_models" / TINY_AR_MODEL))
@@ -685,7 +692,7 @@ def test_comfy_versions_bench_runs_a_tree_in_its_own_process(host, tmp_path):
 def test_sampler_validates_before_loading_the_model(host, monkeypatch):
     import comfy.model_management as mm
     import comfy.sd
-    from grounded_forcing.nodes import policy, prompts
+    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
 
     loads = []
     monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
@@ -725,7 +732,7 @@ def test_timeline_node_encodes_each_line_with_the_clip(host):
 
 
 def test_fp8_weights_sample_in_the_manual_cast_dtype(host):
-    from grounded_forcing.nodes import policy, prompts
+    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
 
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
@@ -743,7 +750,7 @@ def test_bf16_model_without_manual_cast_runs_as_on_a_gpu(host, monkeypatch):
     float32); force that on CPU, where ComfyUI would otherwise compute in float32."""
     import comfy.model_management as mm
     import comfy.sd
-    from grounded_forcing.nodes import policy, prompts
+    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
 
     monkeypatch.setattr(mm, "unet_manual_cast", lambda *a, **k: None)
     model = comfy.sd.load_diffusion_model_state_dict(_tiny_wan(), model_options={"dtype": torch.bfloat16})
@@ -759,7 +766,7 @@ def test_bf16_model_without_manual_cast_runs_as_on_a_gpu(host, monkeypatch):
 
 def _fused_and_unfused(host, weight_dtype: str, segments) -> list[torch.Tensor]:
     """GF Sampler's latents with fused "off", then "on", for the tiny model stored in ``weight_dtype``."""
-    from grounded_forcing.nodes import policy
+    policy = _pack(host, "policy")
 
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
@@ -771,7 +778,7 @@ def _fused_and_unfused(host, weight_dtype: str, segments) -> list[torch.Tensor]:
 
 def test_fused_sampler_through_comfyui_modules_equals_unfused(host):
     """``fused`` compiles ComfyUI's own WanModel blocks (its cast-on-the-fly layers) too."""
-    from grounded_forcing.nodes import prompts
+    prompts = _pack(host, "prompts")
 
     g = torch.Generator().manual_seed(0)
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=g), 9)
@@ -783,7 +790,7 @@ def test_fused_sampler_through_comfyui_modules_equals_unfused(host):
 
 def test_fused_sampler_with_fp8_weights_equals_unfused(host):
     """fp8 storage: ComfyUI's layers cast their weights per call, inside the compiled graph too."""
-    from grounded_forcing.nodes import prompts
+    prompts = _pack(host, "prompts")
 
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(0)), 6)
     outs = _fused_and_unfused(host, "fp8_e4m3fn", segments)
@@ -820,7 +827,7 @@ def test_fused_blocks_compile_where_core_layers_cannot_be_traced(host, monkeypat
     import ctypes
 
     import comfy.ops
-    from grounded_forcing.nodes import prompts
+    prompts = _pack(host, "prompts")
 
     libc = ctypes.CDLL(None)
     forward = comfy.ops.disable_weight_init.Linear.forward
@@ -841,7 +848,7 @@ def test_fused_blocks_compile_where_core_layers_cannot_be_traced(host, monkeypat
 
 
 def test_fused_sampler_refuses_complex128_rope_before_loading(host):
-    from grounded_forcing.nodes import policy, prompts
+    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
 
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
@@ -849,6 +856,6 @@ def test_fused_sampler_refuses_complex128_rope_before_loading(host):
     model = nodes["GFDRRoPE"].execute(model=model, mode="dr_rope", rope_range=21, layout="pinned_end",
                                       precision="complex128").args[0]
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096), 6)
-    with pytest.raises(ValueError, match="set its precision to float32 or set fused to auto or off"):
+    with pytest.raises(ValueError, match="fused blocks rotate in float32, but the RoPE precision is complex128"):
         nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
                                    height=32, seed=0, batch_size=1, noise_order="chunk", fused="on")
