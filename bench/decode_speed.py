@@ -1,8 +1,8 @@
 """Wan2.1 VAE stream decode speed on one GPU, with cuDNN's autotuner off and on.
 
-ComfyUI's ``WanVAE`` at the Wan2.1 shape with random weights, bf16, decoding latent frames one
-by one through ``nodes/decoding.StreamDecoder`` (what GF Stream Decode and the end-to-end rows of
-bench/throughput.py do), at 832x480:
+ComfyUI's ``WanVAE`` at the Wan2.1 shape with random weights, bf16, decoding the latent frames
+group by group, in the installed ComfyUI's own grouping, through ``nodes/decoding.StreamDecoder``
+(what GF Stream Decode does), at 832x480:
 
     python bench/decode_speed.py --comfyui $GF_COMFYUI_PATH --frames 30
 """
@@ -14,12 +14,42 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(__file__).resolve().parent.parent
 
 from report import run_header, write_json  # noqa: E402
+
+
+def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
+    """ComfyUI's Wan2.1 VAE (``comfy.ldm.wan.vae.WanVAE``) at the shape comfy/sd.py builds, random
+    weights, and the pack's comfy-free decoding module."""
+    import importlib.util
+
+    if not comfyui:
+        raise SystemExit("this bench needs a ComfyUI checkout: pass --comfyui or set GF_COMFYUI_PATH")
+    sys.path.insert(0, comfyui)
+    from comfy.ldm.wan.vae import WanVAE
+
+    spec = importlib.util.spec_from_file_location("gf_decoding", ROOT / "nodes" / "decoding.py")
+    decoding = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = decoding  # its dataclasses look their module up while it loads
+    spec.loader.exec_module(decoding)
+    g = torch.Generator().manual_seed(0)
+    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():  # ComfyUI's layers skip weight init
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.zero_()
+    return vae.to(device=device, dtype=dtype).eval(), decoding
 
 
 def main() -> None:
@@ -28,8 +58,6 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--out")
     args = ap.parse_args()
-    from throughput import wan_vae
-
     vae, decoding = wan_vae(args.comfyui, "cuda", torch.bfloat16)
     z = torch.randn(1, 16, args.frames, 60, 104, device="cuda", dtype=torch.bfloat16)
     rows = []
@@ -41,7 +69,7 @@ def main() -> None:
             decoder = decoding.StreamDecoder(vae)
             torch.cuda.synchronize()
             began = time.perf_counter()
-            frames = list(decoder.frames(z[:, :, :4] if attempt == "warm-up" else z))
+            frames = [*decoder.push_groups(z[:, :, :4] if attempt == "warm-up" else z), decoder.flush()]
             torch.cuda.synchronize()
             seconds = time.perf_counter() - began
             outputs = frames

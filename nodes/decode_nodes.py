@@ -1,10 +1,11 @@
-"""GF Stream Decode: Wan2.1 VAE decoding latent frame by latent frame into a VIDEO."""
+"""GF Stream Decode: a long Wan2.1 latent video decoded group by group into a VIDEO."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 
 import comfy.model_management as mm
@@ -16,6 +17,7 @@ from comfy_api.latest import InputImpl, Types, io
 from PIL import Image
 
 from ..gf_core import pixel_frames
+from ..gf_core.errors import BadInput
 from .decoding import Mp4Writer, StreamDecoder, is_wan21_vae
 from .prompts import FPS
 from .sockets import CATEGORY
@@ -28,9 +30,9 @@ class GFStreamDecode(io.ComfyNode):
             node_id="GFStreamDecode",
             display_name="GF Stream Decode",
             category=CATEGORY,
-            description="Decodes a long Wan2.1 latent video one latent frame at a time with the VAE's causal cache "
-                        "carried throughout: the same frames as one whole-video decode, with the GPU memory of a "
-                        "single frame. Optionally writes every frame as a PNG while decoding.",
+            description="Decodes a long Wan2.1 latent video piece by piece with the VAE's causal cache carried "
+                        "throughout: the same frames as VAE Decode of the whole video, with the GPU memory of one "
+                        "group of latent frames. Optionally writes every frame as a PNG while decoding.",
             inputs=[
                 io.Latent.Input("samples", tooltip="Raw Wan latents [B, 16, F, H/8, W/8], e.g. from GF Sampler."),
                 io.Vae.Input("vae", tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors)."),
@@ -55,18 +57,21 @@ class GFStreamDecode(io.ComfyNode):
                 keep_video_in: str = "file") -> io.NodeOutput:
         latents = samples["samples"]
         if latents.ndim != 5 or latents.shape[1] != 16 or latents.shape[2] < 1:
-            raise ValueError(
+            raise BadInput(
                 f"the latent has shape {list(latents.shape)}; GF Stream Decode takes Wan2.1 video latents [B, 16, F, H, W]"
             )
         model = vae.first_stage_model
         if not is_wan21_vae(model):
-            raise ValueError("GF Stream Decode needs the Wan2.1 VAE (wan_2.1_vae.safetensors); "
-                             "use VAE Decode for other VAEs")
+            raise BadInput("GF Stream Decode needs the Wan2.1 VAE (wan_2.1_vae.safetensors); "
+                           "use VAE Decode for other VAEs")
         batch, _, frames, height, width = latents.shape
         mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_decode((1, 16, 1, height, width),
-                                                                                  vae.vae_dtype))
+                                                                                  vae.vae_dtype),
+                           force_full_load=vae.disable_offload)
+        # core's VAE.decode hands out its intermediate dtype where it has one, float32 before
+        out_dtype = vae.vae_output_dtype() if hasattr(vae, "vae_output_dtype") else torch.float32
         per_video = pixel_frames(frames)
-        pbar = comfy.utils.ProgressBar(batch * frames)
+        pbar = comfy.utils.ProgressBar(batch * per_video)
         writer = _FrameWriter(filename_prefix, width * 8, height * 8) if save_frames else None
         mp4 = None
         if keep_video_in == "file":
@@ -75,12 +80,15 @@ class GFStreamDecode(io.ComfyNode):
         written = 0
         try:
             for b in range(batch):
-                decoder = StreamDecoder(model)
-                for f in range(frames):
+                # one push per video: the decoder's input convolution then runs on the tensor core's
+                # whole-video decode gives it, and the pixels come out one group at a time
+                z = latents[b:b + 1].to(device=vae.device, dtype=vae.vae_dtype)
+                for decoded in _decoded_groups(StreamDecoder(model), z):
                     mm.throw_exception_if_processing_interrupted()
-                    z = latents[b:b + 1, :, f:f + 1].to(device=vae.device, dtype=vae.vae_dtype)
-                    pixels = vae.process_output(decoder.decode_frame(z).to(vae.output_device).float())
-                    pixels = pixels[0].movedim(0, -1)  # [n, H, W, 3]
+                    if not decoded.shape[2]:
+                        continue
+                    pixels = vae.process_output(decoded.to(device=vae.output_device, dtype=out_dtype, copy=True))
+                    pixels = pixels[0].movedim(0, -1).float()  # [n, H, W, 3]
                     if mp4 is not None:
                         mp4.write(pixels)
                     else:
@@ -91,7 +99,7 @@ class GFStreamDecode(io.ComfyNode):
                     if writer is not None:
                         writer.write(pixels, written)
                     written += pixels.shape[0]
-                    pbar.update(1)
+                    pbar.update(pixels.shape[0])
         finally:
             if mp4 is not None:
                 mp4.close()  # a cancelled run keeps the frames decoded so far in the file
@@ -99,6 +107,12 @@ class GFStreamDecode(io.ComfyNode):
             return io.NodeOutput(InputImpl.VideoFromFile(mp4.path))
         video = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, frame_rate=Fraction(fps)))
         return io.NodeOutput(video)
+
+
+def _decoded_groups(decoder: StreamDecoder, z: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Pixels [1, 3, T, H, W] of one whole video z [1, 16, F, h, w], group by group, then the rest."""
+    yield from decoder.push_groups(z)
+    yield decoder.flush()
 
 
 def _temp_video_path() -> str:

@@ -1,114 +1,166 @@
-"""Stream decoding with the Wan2.1 VAE: latent frame by latent frame, one causal cache throughout.
+"""Stream decoding with the Wan2.1 VAE: latents pushed in any grouping, one causal cache throughout.
 
-The Wan2.1 VAE decoder is causal in time: every causal 3D convolution keeps the last two input
-frames of the previous call in a feature cache, and the first latent frame decodes to 1 pixel
-frame, every later one to 4. ``VAE.decode`` starts a fresh cache on every call, so decoding a
-long video in separate calls loses frames and leaves seams. :class:`StreamDecoder` keeps the
-cache across calls instead: feeding it the latent frames in any grouping gives exactly the
-frames of one whole-video decode, while only one latent frame's activations exist at a time.
+The Wan2.1 VAE decoder is causal in time: every causal 3D convolution keeps the last input frames
+of the previous call in a feature cache; the first latent frame decodes to 1 pixel frame, every
+later one to 4. ``VAE.decode`` starts a fresh cache on every call, so decoding a long video in
+separate calls loses frames and leaves seams. :class:`StreamDecoder` keeps one cache across calls
+instead and feeds the decoder the same groups of latent frames as ComfyUI's own whole-video
+``WanVAE.decode``, so the frames are exactly that decode's, while only one group's activations
+exist at a time.
 
-It drives the modules of ComfyUI's ``comfy.ldm.wan.vae.WanVAE`` (``conv2`` and ``decoder`` with
-``feat_cache`` / ``feat_idx``) the way its own ``decode`` loop does, without importing ComfyUI.
+ComfyUI's decoders differ here: one line feeds latent frames one by one and its cache keeps two
+frames whatever a call holds (its decoder returns a tensor); a later line feeds 1, 2, 2, 2, ...
+frames, its cache keeps only the last frames of each call, so another grouping gives other
+pixels (its decoder returns a list of chunks). The grouping and the cache size are therefore read
+off the installed VAE itself: :func:`read_schedule` runs its ``decode`` once on a tiny latent and
+records what it passes to its decoder. No version string is consulted, and nothing here imports
+ComfyUI: it drives the modules of ``comfy.ldm.wan.vae.WanVAE`` (``conv2`` and ``decoder`` with
+``feat_cache`` / ``feat_idx``) the way their own ``decode`` loop does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 from torch import nn
 
+PROBE_FRAMES = 10
+"""Latent frames of the schedule probe: enough for a first group, full groups and a short last one
+for groups of 1 to 8 frames."""
+
 
 def is_wan21_vae(model: nn.Module) -> bool:
-    """True for a Wan2.1 VAE module (16 latent channels, causal decoder with a feature cache)."""
+    """True for a Wan2.1 VAE module (16 latent channels, a causal ``Decoder3d`` behind ``conv2``)."""
     decoder = getattr(model, "decoder", None)
     return (
         type(model).__name__ == "WanVAE"
         and hasattr(model, "conv2")
-        and decoder is not None
         and type(decoder).__name__ == "Decoder3d"
         and getattr(model, "z_dim", None) == 16
-        and _cache_slots(decoder) > 0
     )
 
 
-def _cache_slots(decoder: nn.Module) -> int:
-    return sum(1 for m in decoder.modules() if type(m).__name__ == "CausalConv3d")
+@dataclass(frozen=True)
+class DecodeSchedule:
+    """How a VAE's own ``decode`` feeds its decoder: a first group of ``first`` latent frames, then
+    groups of ``group`` frames (the last one possibly shorter), through one feature cache of
+    ``cache_slots`` entries. Pixels come out as ``channels`` x (``scale`` H) x (``scale`` W)."""
+
+    first: int
+    group: int
+    cache_slots: int
+    channels: int
+    scale: int
+
+    def groups(self, frames: int) -> list[int]:
+        """Group sizes for a video of ``frames`` latent frames, e.g. 7 -> [1, 2, 2, 2]."""
+        sizes = [min(self.first, frames)]
+        left = frames - sizes[0]
+        while left > 0:
+            sizes.append(min(self.group, left))
+            left -= sizes[-1]
+        return sizes
+
+
+def read_schedule(vae: nn.Module, like: torch.Tensor) -> DecodeSchedule:
+    """Run ``vae.decode`` once on zeros [1, 16, PROBE_FRAMES, 1, 1] (device and dtype of ``like``)
+    and record the temporal size of every decoder call and the cache it is given."""
+    calls: list[tuple[int, int | None]] = []
+
+    def record(_module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        cache = kwargs["feat_cache"] if "feat_cache" in kwargs else (args[1] if len(args) > 1 else None)
+        calls.append((x.shape[2], None if cache is None else len(cache)))
+
+    handle = vae.decoder.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pixels = vae.decode(like.new_zeros((1, like.shape[1], PROBE_FRAMES, 1, 1)))
+    finally:
+        handle.remove()
+    sizes = [n for n, _ in calls]
+    slots = {s for _, s in calls}
+    schedule = None
+    if len(sizes) > 1 and len(slots) == 1 and None not in slots:
+        schedule = DecodeSchedule(first=sizes[0], group=sizes[1], cache_slots=slots.pop(),
+                                  channels=pixels.shape[1], scale=pixels.shape[-1])
+    if schedule is None or schedule.groups(PROBE_FRAMES) != sizes:
+        raise RuntimeError(
+            f"this ComfyUI's Wan VAE decodes {PROBE_FRAMES} latent frames in decoder calls of {sizes} frames, a "
+            "pattern GF Stream Decode does not know; decode with core's VAE Decode instead"
+        )
+    return schedule
 
 
 class StreamDecoder:
-    """Decode raw Wan latents [B, 16, F, H, W] in pieces with one persistent causal cache.
+    """Decode raw Wan latents [B, 16, F, H, W] pushed in any grouping, with one persistent cache.
 
-    Returns pixels in the VAE's own range ([-1, 1], before ComfyUI's ``process_output``),
-    [B, 3, T, 8H, 8W] with T = 1 + 4 (F - 1) over all calls together.
+    ``push(z)`` returns the pixel frames that are final so far, [B, C, T, 8H, 8W] (C = 3; T may
+    be 0 while a group waits for its frames); ``flush()`` decodes what is left. Over all calls
+    together T = 1 + 4 (F - 1), in the VAE's range ([-1, 1], before ComfyUI's ``process_output``).
+
+    The decoder sees exactly the groups of core's whole-video decode, so the frames are that
+    decode's. One step runs per push rather than per group: ``conv2``, a 1x1x1 convolution, over
+    the pushed latents. Pushing a whole video at once therefore reproduces core's decode bit for
+    bit; pushed in pieces, the result is the same wherever the convolution rounds a frame alike
+    inside runs of any length (it did at the sizes tested; at a few positions per frame a CPU
+    backend can differ in the last bit).
     """
 
     def __init__(self, vae: nn.Module):
         self.vae = vae
-        self.cache: list = [None] * _cache_slots(vae.decoder)
-        self.latent_frames = 0
+        self.schedule: DecodeSchedule | None = None  # read at the first push, on its device and dtype
+        self.cache: list = []
+        self.pending: torch.Tensor | None = None  # conv2 outputs [B, 16, n, H, W] waiting for their group
+        self.groups_done = 0
+        self.flushed = False
+
+    def push(self, z: torch.Tensor) -> torch.Tensor:
+        """Take the next latent frames [B, 16, n, H, W]; return the pixel frames now final."""
+        return self._joined(list(self.push_groups(z)))
 
     @torch.no_grad()
-    def decode_frame(self, z: torch.Tensor) -> torch.Tensor:
-        """One latent frame [B, 16, 1, H, W] -> 1 pixel frame (the first) or 4 (later ones)."""
+    def push_groups(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
+        """:meth:`push`, handing out each decoded group's pixels as soon as it is decoded (so a
+        caller that pushes a whole video holds one group's pixels at a time)."""
+        if self.flushed:
+            raise RuntimeError("this StreamDecoder was flushed; make a new one for the next video")
+        if self.schedule is None:
+            self.schedule = read_schedule(self.vae, z)
+            self.cache = [None] * self.schedule.cache_slots
         x = self.vae.conv2(z)
-        out = self.vae.decoder(x, feat_cache=self.cache, feat_idx=[0])
-        self.latent_frames += 1
-        return out
+        self.pending = x if self.pending is None else torch.cat([self.pending, x], dim=2)
+        while True:
+            need = self.schedule.first if self.groups_done == 0 else self.schedule.group
+            if self.pending.shape[2] < need:
+                return
+            group, self.pending = self.pending[:, :, :need], self.pending[:, :, need:]
+            yield self._decode(group)
 
-    def frames(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Decode every latent frame of ``z`` [B, 16, F, H, W] in order, yielding each one's pixels."""
-        for i in range(z.shape[2]):
-            yield self.decode_frame(z[:, :, i:i + 1])
+    @torch.no_grad()
+    def flush(self) -> torch.Tensor:
+        """Decode the latent frames still waiting (the video's last, shorter group); returns their pixels."""
+        if self.pending is None:
+            raise RuntimeError("nothing was pushed to this StreamDecoder")
+        out = [self._decode(self.pending)] if self.pending.shape[2] else []
+        self.flushed = True
+        self.cache = []
+        return self._joined(out)
 
+    def _decode(self, group: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decoder(group, feat_cache=self.cache, feat_idx=[0])
+        self.groups_done += 1
+        return torch.cat(out, dim=2) if isinstance(out, (list, tuple)) else out
 
-class OverlappedDecoder:
-    """Decodes chunks on a second CUDA stream while the sampling stream goes on with the next chunk.
-
-    :meth:`submit` takes a chunk's latents on the GPU as the sampling stream made them and returns
-    at once: the decode waits on the GPU for them, not on the host. :meth:`collect` returns, in
-    order, the host pixels of the chunks whose decode has finished (all of them with ``wait``).
-    Without a CUDA device (or with ``overlap=False``) every chunk decodes in :meth:`submit`, on the
-    caller's stream. Pixels as :class:`StreamDecoder` gives them.
-    """
-
-    def __init__(self, decoder: StreamDecoder, device: torch.device | str, overlap: bool = True):
-        self.decoder = decoder
-        device = torch.device(device)
-        self.stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
-        self.pending: list[tuple[torch.cuda.Event | None, torch.Tensor]] = []
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.cat(list(self.decoder.frames(z)), dim=2)
-
-    def submit(self, z: torch.Tensor) -> None:
-        """Queue the decode of latents [B, 16, F, H, W] (raw Wan latents, on the VAE's device)."""
-        if self.stream is None:
-            self.pending.append((None, self._decode(z).cpu()))
-            return
-        ready = torch.cuda.current_stream(z.device).record_event()
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
-            z.record_stream(self.stream)  # the sampling stream may not reuse its memory before this decode
-            pixels = self._decode(z)
-            host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
-            host.copy_(pixels, non_blocking=True)
-            done = self.stream.record_event()
-        self.pending.append((done, host))
-
-    def collect(self, wait: bool = False) -> list[torch.Tensor]:
-        """Pixels [B, 3, T, H, W] (host) of each finished chunk, oldest first."""
-        out = []
-        while self.pending:
-            event, host = self.pending[0]
-            if event is not None:
-                if not wait and not event.query():
-                    break
-                event.synchronize()
-            out.append(host)
-            self.pending.pop(0)
-        return out
+    def _joined(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        if pieces:
+            return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+        b, _, _, h, w = self.pending.shape
+        s = self.schedule
+        return self.pending.new_empty((b, s.channels, 0, h * s.scale, w * s.scale))
 
 
 class Mp4Writer:

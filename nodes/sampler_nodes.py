@@ -11,7 +11,8 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..gf_core.config import check_fits
-from . import sampling
+from ..gf_core.kernels import resolve
+from . import comfy_model, sampling
 from .policy import apply_rope, rope_options
 from .sockets import CATEGORY, Memory, Segments
 
@@ -78,6 +79,8 @@ class GFSampler(io.ComfyNode):
         if device.type == "cuda":  # ComfyUI streams weights that do not fit, so they need not fit
             check_fits(need, _available_bytes(device), offloadable_weights=True)
         mm.load_models_gpu([model], memory_required=need.cache + need.activations)
+        if resolve(config.kernels, device, rope_kind) == "fused":  # compiled blocks run plain modules:
+            module = comfy_model.plain_wan(model, device, dtype)  # core's layers may not trace (comfy_model)
         previewer = latent_preview.get_previewer(device, model.model.latent_format)
         pbar = comfy.utils.ProgressBar(sampling.chunk_count(segments))
 

@@ -1,9 +1,14 @@
-"""Test-only ComfyUI nodes for the host tests (never shipped): a fixed random CONDITIONING and an
-output node that records what reached it, so a graph can run in ComfyUI's executor without a
-text encoder and the test can read the results."""
+"""Test-only ComfyUI nodes for the host tests (never shipped): a fixed random CONDITIONING, a small
+stand-in for the umT5 text encoder, and an output node that records what reached it, so graphs
+run in ComfyUI's executor on a CPU and the test can read the results."""
+
+import zlib
 
 import torch
 from comfy_api.latest import ComfyExtension, io
+
+TEXT_ROWS = 512
+TEXT_DIM = 4096
 
 CAPTURED: dict = {}
 
@@ -25,6 +30,42 @@ class GFTestConditioning(io.ComfyNode):
     def execute(cls, seed: int, rows: int) -> io.NodeOutput:
         g = torch.Generator().manual_seed(seed)
         return io.NodeOutput([[torch.randn(1, rows, 4096, generator=g), {"pooled_output": None}]])
+
+
+class TinyTextEncoder:
+    """Core's CLIP interface as CLIPTextEncode and GF Prompt Timeline use it (``tokenize``,
+    ``encode_from_tokens_scheduled``): a text's embedding [1, 512, 4096] is a fixed random
+    function of its UTF-8 bytes, one row per byte plus an end row, zeros after (as umT5 pads)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))[: TEXT_ROWS - 1]
+
+    def encode_from_tokens_scheduled(self, tokens: list[int]) -> list:
+        g = torch.Generator().manual_seed(zlib.crc32(bytes(tokens)))
+        rows = torch.zeros(1, TEXT_ROWS, TEXT_DIM)
+        rows[0, : len(tokens) + 1] = torch.randn(len(tokens) + 1, TEXT_DIM, generator=g)
+        return [[rows, {"pooled_output": None}]]
+
+
+class GFTestTextEncoder(io.ComfyNode):
+    """Takes CLIPLoader's place in the workflow runs: umT5-XXL (5.7 B parameters) does not fit a CPU test."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GFTestTextEncoder",
+            category="Grounded Forcing/testing",
+            inputs=[
+                io.String.Input("clip_name", tooltip="The text encoder file CLIPLoader would load (unused)."),
+                io.String.Input("type", tooltip="CLIPLoader's model type (unused)."),
+                io.String.Input("device", optional=True, tooltip="CLIPLoader's device (unused)."),
+            ],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip_name: str, type: str, device: str = "default") -> io.NodeOutput:
+        return io.NodeOutput(TinyTextEncoder())
 
 
 class GFTestCapture(io.ComfyNode):
@@ -50,7 +91,7 @@ class GFTestCapture(io.ComfyNode):
 
 class TestingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [GFTestConditioning, GFTestCapture]
+        return [GFTestConditioning, GFTestTextEncoder, GFTestCapture]
 
 
 async def comfy_entrypoint() -> TestingExtension:
