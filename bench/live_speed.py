@@ -2,7 +2,7 @@
 unpaced, against 16 frames/s of playback, and the latency from a prompt sent mid-run to its first frame.
 
 Random full-size Wan2.1-1.3B weights, 832x480, bf16, the grounded memory, a random-weight Wan2.1 VAE
-(ComfyUI's module, as in bench/throughput.py) decoding every chunk as it is made. A second thread plays
+(ComfyUI's module at the Wan2.1 shape) decoding every chunk as it is made. A second thread plays
 the page: it sends ``--prompts`` prompts at random moments of the run (APR switches). One command:
 
     python bench/live_speed.py --comfyui PATH/TO/ComfyUI --out docs/results/live_speed_h200.json
@@ -73,10 +73,33 @@ def build(args, gf):
     del sd
     vae = decoding = None
     if args.comfyui:
-        from throughput import wan_vae
+        from grounded_forcing.nodes import decoding
 
-        vae, decoding = wan_vae(args.comfyui, device, dtype)
+        vae = random_wan_vae(args.comfyui, device, dtype)
     return model, cfg, size, dtype, device, vae, decoding
+
+
+def random_wan_vae(comfyui: str, device: str, dtype: torch.dtype):
+    """ComfyUI's Wan2.1 VAE module (``comfy.ldm.wan.vae.WanVAE``) at the shape core builds for
+    wan_2.1_vae.safetensors, with random weights."""
+    sys.path.insert(0, comfyui)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"
+    from comfy.ldm.wan.vae import WanVAE
+
+    g = torch.Generator().manual_seed(0)
+    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():  # ComfyUI's layers skip weight init
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.zero_()
+    return vae.to(device=device, dtype=dtype).eval()
 
 
 def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames: int, prompt_times: list[float]):

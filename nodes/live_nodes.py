@@ -13,6 +13,7 @@ Frames go to every open page over ComfyUI's websocket (``PromptServer.send_sync`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,12 +28,14 @@ import torch
 from comfy_api.latest import InputImpl, io
 
 from .. import gf_core as gf
+from ..gf_core.config import check_fits
 from ..gf_core.errors import BadInput
+from ..gf_core.kernels import compiled
 from ..gf_core.latents import to_raw
 from . import live, prompts, sampling
 from .decoding import Mp4Writer, StreamDecoder, is_wan21_vae
 from .policy import CHUNK_FRAMES, apply_rope, rope_options
-from .sampler_nodes import MAX_SIZE, _compute_dtype
+from .sampler_nodes import MAX_SIZE, _available_bytes, _compute_dtype
 from .sockets import CATEGORY, Memory
 
 log = logging.getLogger(__name__)
@@ -108,18 +111,20 @@ class GFLiveSampler(io.ComfyNode):
         max_frames = live.max_latent_frames(max_seconds, CHUNK_FRAMES)
         module = model.model.diffusion_model
         memory, rope_kind = apply_rope(memory, rope_options(model.model_options))
-        device = model.load_device
-        dtype = _compute_dtype(model.model)
-        check_cfg = sampling.check_model(module)
-        plan = (gf.Segment(torch.zeros(1, 1, check_cfg.text_dim), max_frames),)
-        cfg = sampling.check(module, plan, memory, width, height, 1, "chunk", fused, rope_kind, device)
-        use_fused = sampling.resolve_fused(fused, rope_kind, device)
-        lat_h, lat_w = height // 8, width // 8
+        device, dtype = model.load_device, _compute_dtype(model.model)
+        # the chunks stay on the device for the decode; the take keeps a host copy of each
+        config = dataclasses.replace(sampling.run_config(width, height, seed, 1, "chunk", fused, rope_kind, device,
+                                                         dtype), output_device=None)
+        cfg = sampling.check_model(module)
+        longest = (gf.Segment(torch.zeros(1, 1, cfg.text_dim), max_frames),)  # the prompts come later
+        sampling.check(module, longest, memory, config)
+        need = sampling.memory_estimate(cfg, memory, config, dtype, weight_bytes=model.model_size())
+        if device.type == "cuda":
+            check_fits(need, _available_bytes(device), offloadable_weights=True)
+        decode_bytes = vae.memory_used_decode((1, 16, 1, height // 8, width // 8), vae.vae_dtype)
 
         def load() -> None:
-            mm.load_models_gpu([model, vae.patcher], memory_required=sampling.working_bytes(
-                cfg, memory, width, height, 1, dtype, use_fused) + vae.memory_used_decode((1, 16, 1, lat_h, lat_w),
-                                                                                          vae.vae_dtype))
+            mm.load_models_gpu([model, vae.patcher], memory_required=need.cache + need.activations + decode_bytes)
 
         def encode(words: str):
             embedding = prompts.prompt_embedding(clip.encode_from_tokens_scheduled(clip.tokenize(words)))
@@ -128,16 +133,12 @@ class GFLiveSampler(io.ComfyNode):
 
         session = live.LiveSession(cls.hidden.unique_id, {"fps": prompts.FPS, "width": width, "height": height,
                                                           "max_latent_frames": max_frames, "prompt": text})
-        header = [f"GF Live take: seed {seed}, {width}x{height}, memory {memory.name}, fused {fused}; replay with "
-                  "GF Prompt Timeline + GF Sampler (same model, memory, seed and size, noise_order chunk)"]
         mp4 = Mp4Writer(_temp_video_path(), width, height, prompts.FPS)
         sink = live.FrameSink(_page_sender(), write=lambda frames: mp4.write(frames.float() / 255))
         engine = run = None
         live.SESSIONS.start(session)
         try:
-            engine = gf.Session(module, memory, gf.RunConfig(
-                height=height, width=width, batch_size=1, seed=seed, chunk_frames=CHUNK_FRAMES, noise_order="chunk",
-                rope_kind=rope_kind, kernels="fused" if use_fused else "eager", dtype=dtype, device=device))
+            engine = gf.Session(module, memory, config)
             load()
             pbar = comfy.utils.ProgressBar(max_frames // CHUNK_FRAMES)
             decoder = live.PixelDecoder(StreamDecoder(vae.first_stage_model), vae.process_output, vae.device,
@@ -147,10 +148,10 @@ class GFLiveSampler(io.ComfyNode):
                                interrupted=mm.throw_exception_if_processing_interrupted,
                                on_chunk=lambda index: pbar.update_absolute(index + 1))
             reason = run.run(text)
-            script = run.take.script(header)
+            script = run.take.script(_header(seed, width, height, memory.name, engine))
             run.finish(reason, script)
         except BaseException:
-            _keep_partial(run, mp4, sink, header)
+            _keep_partial(run, mp4, sink, _header(seed, width, height, memory.name, engine))
             raise
         finally:
             if engine is not None:
@@ -159,6 +160,13 @@ class GFLiveSampler(io.ComfyNode):
             mm.soft_empty_cache()
         _close(sink, mp4)
         return io.NodeOutput({"samples": to_raw(run.latents)}, InputImpl.VideoFromFile(mp4.path), script)
+
+
+def _header(seed: int, width: int, height: int, memory: str, engine) -> list[str]:
+    """The script's comment lines: what GF Sampler needs besides the script to replay the take."""
+    fused = "on" if engine is not None and compiled(engine.kernels) else "off"
+    return [f"GF Live take: seed {seed}, {width}x{height}, memory {memory}, fused {fused}. Replay it with GF Prompt "
+            "Timeline + GF Sampler: the same model, memory, seed, size and fused setting, noise_order chunk."]
 
 
 def _keep_partial(run: live.LiveRun | None, mp4: Mp4Writer, sink: live.FrameSink, header: list[str]) -> None:
