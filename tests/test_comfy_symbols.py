@@ -3,7 +3,8 @@
 The pack's files (``__init__.py``, ``nodes/``) are read, not imported: every import from a host
 module (``comfy``, ``comfy_api``, ``folder_paths``, ``latent_preview``, ``server``, ...) and every
 attribute chain on a name so bound (``mm.load_models_gpu``, ``io.Int.Input``) is a symbol, and
-every keyword a call passes to one (``load_models_gpu(force_full_load=)``) is checked too. With
+every keyword a call passes to one (``load_models_gpu(force_full_load=)``) is checked too; a name
+the pack asks about first (``hasattr(comfy.ops, "X")``) is optional. With
 ``GF_COMFYUI_PATH`` naming one or more trees (separated by ``os.pathsep``), each tree is imported
 in a fresh process of this Python on CPU and every symbol resolved there; that Python needs the
 tree's requirements::
@@ -55,7 +56,18 @@ def _chain(node: ast.AST) -> list[str] | None:
 
 def used_symbols(sources: dict[str, str]) -> dict[str, list[str]]:
     """Host symbol (dotted path, or ``path(keyword=)`` for a keyword passed in a call) -> where it is used."""
+    return _walk(sources)[0]
+
+
+def optional_symbols(sources: dict[str, str]) -> set[str]:
+    """The used symbols the pack asks about first (``hasattr(comfy.ops, "X")``): a tree may lack them."""
+    uses, asked = _walk(sources)
+    return {s for s in uses if any(s == a or s.startswith((f"{a}.", f"{a}(")) for a in asked)}
+
+
+def _walk(sources: dict[str, str]) -> tuple[dict[str, list[str]], set[str]]:
     uses: dict[str, list[str]] = {}
+    asked: set[str] = set()
 
     def use(symbol: str, where: str) -> None:
         uses.setdefault(symbol, []).append(where)
@@ -88,6 +100,11 @@ def used_symbols(sources: dict[str, str]) -> dict[str, list[str]]:
                 chain = _chain(node)
                 if chain and chain[0] in bound:
                     use(".".join([bound[chain[0]], *chain[1:]]), where)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr" \
+                    and len(node.args) == 2 and isinstance(node.args[1], ast.Constant):
+                chain = _chain(node.args[0])
+                if chain and chain[0] in bound:
+                    asked.add(".".join([bound[chain[0]], *chain[1:], str(node.args[1].value)]))
             if isinstance(node, ast.Call):
                 chain = _chain(node.func)
                 if chain and chain[0] in bound:
@@ -95,7 +112,7 @@ def used_symbols(sources: dict[str, str]) -> dict[str, list[str]]:
                     for kw in node.keywords:
                         if kw.arg is not None:
                             use(f"{path}({kw.arg}=)", where)
-    return uses
+    return uses, asked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +227,12 @@ def test_walker_follows_aliases_chains_and_keywords():
         "comfy_api.latest.io.Int.Input", "comfy_api.latest.io.Int.Input(min=)"}
 
 
+def test_names_asked_about_first_are_optional():
+    source = ("import comfy.ops\nif hasattr(comfy.ops, 'NewCast'):\n    comfy.ops.NewCast(dtype=1)\n"
+              "else:\n    comfy.ops.cast_bias_weight(dtype=1)\n")
+    assert optional_symbols({"m.py": source}) == {"comfy.ops.NewCast", "comfy.ops.NewCast(dtype=)"}
+
+
 def test_checker_reports_a_planted_missing_name_and_keyword(tmp_path):
     """A fake tree: the checker resolves what exists and names what does not, in its own process."""
     (tmp_path / "comfy").mkdir()
@@ -232,7 +255,8 @@ def test_every_symbol_exists_in_the_tree(tree):
     if tree is None:
         pytest.skip("set GF_COMFYUI_PATH to one or more ComfyUI trees (separated by os.pathsep) to check that "
                     "every ComfyUI symbol the pack uses exists there")
-    symbols = sorted(used_symbols(pack_sources()))
+    sources = pack_sources()
+    symbols = sorted(set(used_symbols(sources)) - optional_symbols(sources))
     missing = check_tree(tree, symbols)
     assert not missing, f"{len(missing)} of {len(symbols)} symbols missing in {tree}: {missing}"
 
@@ -242,10 +266,11 @@ def main() -> None:
         _boot_tree(sys.argv[2])
         print(json.dumps(missing_symbols(json.loads(sys.stdin.read()))))
         return
-    uses = used_symbols(pack_sources())
+    sources = pack_sources()
+    uses, optional = used_symbols(sources), optional_symbols(sources)
     for symbol in sorted(uses):
-        print(f"{symbol}  ({', '.join(uses[symbol])})")
-    print(f"{len(uses)} symbols")
+        print(f"{symbol}{'  [optional]' if symbol in optional else ''}  ({', '.join(uses[symbol])})")
+    print(f"{len(uses)} symbols, {len(optional)} of them optional (asked about with hasattr first)")
 
 
 if __name__ == "__main__":
