@@ -12,6 +12,7 @@ Run ``python -m gf_core.demo --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="demo_output", help="folder for preview.gif and events.jsonl")
     ap.add_argument("--memory", default="grounded", choices=tuple(PRESETS), metavar="POLICY",
                     help=f"memory policy: {', '.join(PRESETS)} (default grounded; self_forcing ends at 21 frames)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="length of each prompt in seconds (4 latent frames each)")
+    ap.add_argument("--seconds", type=float, default=2.25, help="length of each prompt in seconds (4 latent frames each)")
     ap.add_argument("--prompt", action="append", metavar="SENTENCE",
                     help="a prompt of the toy world, in order (repeat for more; default: the three-prompt script); "
                          f"forms: {'; '.join(tw.FORMS)}")
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's choice)")
     args = ap.parse_args(argv)
+    if not math.isfinite(args.seconds):
+        ap.error(f"--seconds {args.seconds} is not a number of seconds; use e.g. 2.25")
     frames = round(args.seconds * 4)  # 16 fps, 4 pixel frames per latent frame
     try:
         tw.check_size(args.size, args.size)
@@ -54,9 +57,14 @@ def main(argv: list[str] | None = None) -> None:
         model = tw.load_model()
     except BadInput as e:
         ap.error(str(e))
+    if args.threads < 0:
+        ap.error(f"--threads {args.threads} is negative; use 1 or more (0: PyTorch's choice)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        ap.error(f"cannot make the output folder {args.out} ({e.strerror}); pick another --out")
     chunks, events = [], []
     try:
         for chunk in stream(model, segments, args.memory, height=args.size, width=args.size, seed=args.seed):

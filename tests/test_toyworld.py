@@ -175,6 +175,33 @@ def test_random_scripts_play():
     assert kinds == {"opening", "switch", "cut", "enter"}
 
 
+# -- the shipped model ---------------------------------------------------------------------------
+
+
+def test_shipped_model_keeps_its_subject_through_a_cut():
+    """The shipped toy model through the public API under the default memory: the subject the prompt
+    names, the scene of each shot, and the subject still there after the cut (the GCM keeps it).
+    Thresholds sit below what this run measures (identity 7/12 frames, cut 1/3, scene all)."""
+    story = tw.play([("a big red circle bounces on the grass", 6), ("cut to the snow where it bounces", 6)])
+    out = gf.generate(tw.load_model(), story.segments(), "grounded", height=256, width=256, seed=0)
+    assert [e["switch"]["kind"] for e in out.events if e["switch"]] == ["cut"]
+    m = tw.measure(story, out.latents)
+    assert m["identity_first"] >= 1 / 3 and m["scene"] >= 0.9
+    assert m["cut_identity"] > 0 and m["collapse"][0] <= 0.1
+
+
+def test_demo_plays_the_script(tmp_path, capsys):
+    from gf_core import demo
+
+    demo.main(["--out", str(tmp_path), "--seconds", "0.75", "--memory", "longlive"])
+    assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "preview.gif").stat().st_size > 0
+    assert "scene right 100%" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # refused in one line, before any work
+        demo.main(["--out", str(tmp_path), "--size", "512"])
+    assert "use width 256 and height 256" in capsys.readouterr().err
+
+
 # -- in ComfyUI (skipped without GF_COMFYUI_PATH) -------------------------------------------------
 
 TOY_NODES = ("GFToyWorldModel", "GFToyWorldPrompt", "GFToyWorldTimeline", "GFToyWorldDecode")
@@ -255,16 +282,17 @@ def test_toy_nodes_register_and_the_workflow_validates(comfy):
 
 def test_toy_model_samples_in_comfyui_as_in_the_engine(comfy):
     from grounded_forcing.gf_core.latents import to_normalised
-    from grounded_forcing.nodes.policy import build_memory
 
     mappings, _ = comfy
     model = mappings["GFToyWorldModel"].execute()[0]
     script = "3f | a big red circle moves right on the grass\n3f | cut to the snow where it bounces"
     segments = mappings["GFToyWorldTimeline"].execute(script)[0]
     assert [s.transition.kind for s in segments] == ["default", "cut"]
-    memory = build_memory()
+    memory_node = mappings["GFDualMemory"]
+    defaults = {i.id: i.default for i in memory_node.GET_SCHEMA().inputs if getattr(i, "default", None) is not None}
+    memory = memory_node.execute(**defaults)[0]  # the grounded preset, as the pack ComfyUI loaded builds it
     latent = mappings["GFSampler"].execute(model, memory, segments, 256, 256, 3, 1, "reference", "off")[0]
-    reference = gf.generate(tw.load_model(), list(segments), memory, width=256, height=256, seed=3).latents
+    reference = gf.generate(tw.load_model(), list(segments), "grounded", width=256, height=256, seed=3).latents
     assert torch.allclose(to_normalised(latent["samples"]), reference, atol=2e-2)
     images = mappings["GFToyWorldDecode"].execute(latent, "16 fps")[0]
     assert images.shape == (1 + 4 * 5, 256, 256, 3)

@@ -309,7 +309,7 @@ def toy_world():
            "ships with the pack, trained on a toy world of shapes on simple scenes (256x256), plays a five-line "
            "script: the red circle moves right, a prompt switch makes it bounce, a cut moves it to the snow, a "
            "second subject enters. Change the sentences (the timeline's tooltip lists the words) or the memory "
-           "policy and run again; on a CPU it takes under a minute. GF Toy World Decode shows the latents "
+           "policy and run again. GF Toy World Decode shows the latents "
            "through the Wan latent-to-RGB map the toy world is made with, so no VAE is needed. For real video, "
            "open the other workflows and download a causal Wan2.1 model.", (-480, 0), (440, 420))
     model = g.add("GFToyWorldModel", (0, 0), (320, 60))
