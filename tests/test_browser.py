@@ -139,16 +139,28 @@ def test_template_browser_lists_every_workflow_with_its_thumbnail(frontend):
     frontend.execute_script("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'}))")
 
 
-def test_an_old_dual_memory_node_shows_its_stale_values(frontend):
+def test_an_old_dual_memory_node_is_flagged_and_refused(frontend):
     """A workflow saved with the 20-option GF Dual Memory loads, but its values land on the wrong
-    widgets, so the node shows them as invalid instead of running some other memory (docs/WORKFLOWS.md)."""
-    old = {"last_node_id": 1, "last_link_id": 0, "links": [], "groups": [], "config": {}, "version": 0.4,
-           "nodes": [{"id": 1, "type": "GFDualMemory", "pos": [100, 100], "size": [320, 300], "flags": {},
-                      "order": 0, "mode": 0, "inputs": [], "properties": {},
-                      "outputs": [{"name": "memory", "type": "GF_MEMORY", "links": []}],
-                      "widgets_values": OLD_DUAL_MEMORY}]}
+    widgets: the node shows them as invalid and ComfyUI refuses to queue it, instead of running some
+    other memory than the one saved (docs/WORKFLOWS.md)."""
+    old = {"last_node_id": 2, "last_link_id": 1, "links": [[1, 1, 0, 2, 0, "GF_MEMORY"]], "groups": [], "config": {},
+           "version": 0.4, "nodes": [
+               {"id": 1, "type": "GFDualMemory", "pos": [100, 100], "size": [320, 300], "flags": {}, "order": 0,
+                "mode": 0, "inputs": [], "properties": {},
+                "outputs": [{"name": "memory", "type": "GF_MEMORY", "links": [1]}], "widgets_values": OLD_DUAL_MEMORY},
+               {"id": 2, "type": "PreviewAny", "pos": [500, 100], "size": [320, 200], "flags": {}, "order": 1,
+                "mode": 0, "inputs": [{"name": "source", "type": "*", "link": 1}], "outputs": [], "properties": {},
+                "widgets_values": []}]}
     load_workflow(frontend, old)
-    (node,) = _graph(frontend)["nodes"]
-    assert node["registered"] and node["bad_values"] == ["gcm_update"]
-    values = frontend.execute_script("return app.graph._nodes[0].widgets.map(w => [w.name, w.value])")
+    memory = next(n for n in _graph(frontend)["nodes"] if n["type"] == "GFDualMemory")
+    assert memory["registered"] and memory["bad_values"] == ["gcm_update"]
+    values = frontend.execute_script(
+        "return app.graph._nodes.find(n => n.type === 'GFDualMemory').widgets.map(w => [w.name, w.value])")
     assert values[:3] == [["gcm_frames", "longlive"], ["ltm_frames", 3], ["gcm_update", 6]]
+    status, answer = frontend.execute_async_script("""
+        const done = arguments[0];
+        app.graphToPrompt().then(p => fetch('/api/prompt', {method: 'POST', body: JSON.stringify({prompt: p.output})}))
+          .then(r => r.json().then(body => done([r.status, body])));""")
+    assert status == 400
+    errors = answer["node_errors"]["1"]["errors"]
+    assert "gcm_frames" in {e["extra_info"]["input_name"] for e in errors}  # "longlive" is no number of frames
