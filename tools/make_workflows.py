@@ -5,6 +5,9 @@ saved widget values keep matching the schemas (tests/test_comfy_host.py checks t
 
     GF_COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python tools/make_workflows.py
 
+The saved files come from ComfyUI 0.3.64's schemas (the oldest supported): newer cores made Save
+Video's format and codec dynamic combos, and their frontend fills them from the same saved values.
+
 Layout: nodes are stacked in columns; every node is saved at least as large as the ComfyUI
 frontend draws it (``SIZES``; the frontend grows a node that is saved smaller than its widgets
 need, which is how nodes came to cover each other). tests/test_browser.py loads every workflow in
