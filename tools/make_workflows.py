@@ -77,7 +77,7 @@ SIZES = {
     "GetVideoComponents": (320, 110),
     "ImageStitch": (320, 154),
     "CreateVideo": (320, 106),
-    "GFEventTimeline": (320, 260),
+    "GFEventTimeline": (320, 200),
 }
 NOTE_WIDTH = 440
 # The saved view: the whole graph fits this box of the browser window (CSS pixels: left, top, width,
@@ -390,7 +390,8 @@ Column(g, -NOTE_WIDTH - GAP).note(
     "Anchor Forcing ships its own LoRA, Infinity-RoPE is training-free on Self-Forcing-style weights and Context "
     "Forcing was trained with its own memory, so on LongLive weights those three show the memory rule, not "
     "their best results. GF Self-Forcing Memory is left out: it stops at 5 s. Watch identity and colour drift "
-    "late in the video and how each handles the prompt switches.\n\n" + MODEL_NOTE, (NOTE_WIDTH, 900))
+    "late in the video and how each handles the prompt switches; the GF Event Timeline under each column "
+    "draws what that memory held, chunk by chunk, and how it switched.\n\n" + MODEL_NOTE, (NOTE_WIDTH, 900))
 col = Column(g, 0)
 model, clip, vae = loaders(col)
 timeline = col.add("GFPromptTimeline", (SIZES["CLIPLoader"][0], 300), script=AB)
@@ -419,17 +420,17 @@ for k in range(1, len(MEMORIES)):
     g.connect(stitched, 0, stitch, "image1")
     g.connect(frames[k], "images", stitch, "image2")
     stitched = stitch
-# Event timelines of every policy side by side, one row under the columns (GF Event Timeline).
-if "GFEventTimeline" in M:
-    row = max(col.y for col in columns)
-    for col, sampler, (_, policy) in zip(columns, samplers, MEMORIES):
-        col.y = row
-        plot = col.add("GFEventTimeline", title=f"Timeline ({policy})")
-        g.connect(sampler, "events", plot, "events")
+# The event timelines side by side: what each memory held, chunk by chunk, in one row under the columns.
+row = max(col.y for col in columns)
+for col, sampler, (_, policy) in zip(columns, samplers, MEMORIES):
+    col.y = row
+    plot = col.add("GFEventTimeline", title=f"Timeline ({policy})")
+    g.connect(sampler, "events", plot, "events")
 col = Column(g, right_of("CLIPLoader") + len(MEMORIES) * right_of("GFSampler"))
-create = col.add("CreateVideo", fps=16.0)
+# 400 wide: the last policy column then ends left of where frontend 1.49 draws its minimap.
+create = col.add("CreateVideo", (400, SIZES["CreateVideo"][1]), fps=16.0)
 g.connect(stitched, 0, create, "images")
-save = col.add("SaveVideo", (SIZES["CreateVideo"][0], 360), filename_prefix="video/gf_ab_memory_policies")
+save = col.add("SaveVideo", (400, 360), filename_prefix="video/gf_ab_memory_policies")
 g.connect(create, 0, save, "video")
 g.save("gf_ab_memory_policies")
 
