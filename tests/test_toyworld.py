@@ -255,16 +255,15 @@ def test_toy_nodes_register_and_the_workflow_validates(comfy):
 
 def test_toy_model_samples_in_comfyui_as_in_the_engine(comfy):
     from grounded_forcing.gf_core.latents import to_normalised
-    from grounded_forcing.nodes.policy import build_memory
 
     mappings, _ = comfy
     model = mappings["GFToyWorldModel"].execute()[0]
     script = "3f | a big red circle moves right on the grass\n3f | cut to the snow where it bounces"
     segments = mappings["GFToyWorldTimeline"].execute(script)[0]
     assert [s.transition.kind for s in segments] == ["default", "cut"]
-    memory = build_memory()
+    memory = mappings["GFDualMemory"].execute(3, 6, "after_switch", 0.8, 0.0)[0]  # the grounded defaults
     latent = mappings["GFSampler"].execute(model, memory, segments, 256, 256, 3, 1, "reference", "off")[0]
-    reference = gf.generate(tw.load_model(), list(segments), memory, width=256, height=256, seed=3).latents
+    reference = gf.generate(tw.load_model(), list(segments), gf.grounded(), width=256, height=256, seed=3).latents
     assert torch.allclose(to_normalised(latent["samples"]), reference, atol=2e-2)
     images = mappings["GFToyWorldDecode"].execute(latent, "16 fps")[0]
     assert images.shape == (1 + 4 * 5, 256, 256, 3)

@@ -78,6 +78,10 @@ SIZES = {
     "ImageStitch": (320, 154),
     "CreateVideo": (320, 106),
     "GFEventTimeline": (320, 200),
+    "GFLiveSampler": (460, 720),
+    "GFToyWorldModel": (320, 40),
+    "GFToyWorldTimeline": (520, 260),
+    "GFToyWorldDecode": (320, 62),
 }
 NOTE_WIDTH = 440
 # The saved view: the whole graph fits this box of the browser window (CSS pixels: left, top, width,
@@ -435,59 +439,58 @@ g.connect(create, 0, save, "video")
 g.save("gf_ab_memory_policies")
 
 
-# 5. The toy world: the whole pack with the model it ships, nothing to download -----------------
-def toy_world():
-    g = Graph()
-    g.note("GF toy world: runs as it is, with nothing to download. A small Wan2.1-architecture model that "
-           "ships with the pack, trained on a toy world of shapes on simple scenes (256x256), plays a five-line "
-           "script: the red circle moves right, a prompt switch makes it bounce, a cut moves it to the snow, a "
-           "second subject enters. Change the sentences (the timeline's tooltip lists the words) or the memory "
-           "policy and run again; on a CPU it takes under a minute. GF Toy World Decode shows the latents "
-           "through the Wan latent-to-RGB map the toy world is made with, so no VAE is needed. For real video, "
-           "open the other workflows and download a causal Wan2.1 model.", (-480, 0), (440, 420))
-    model = g.add("GFToyWorldModel", (0, 0), (320, 60))
-    timeline = g.add("GFToyWorldTimeline", (0, 120), (520, 260))
-    mem = g.add("GFDualMemory", (560, -200), (320, 300))
-    sampler = g.add("GFSampler", (560, 140), (320, 260), width=256, height=256, seed=0)
-    g.connect(model, 0, sampler, "model")
-    g.connect(mem, 0, sampler, "memory")
-    g.connect(timeline, 0, sampler, "segments")
-    decode = g.add("GFToyWorldDecode", (920, 0), (320, 100))
-    g.connect(sampler, "latent", decode, "samples")
-    create = g.add("CreateVideo", (920, 160), (320, 100), fps=16.0)
-    g.connect(decode, 0, create, "images")
-    save = g.add("SaveVideo", (1280, 0), (420, 460), filename_prefix="video/gf_toy_world")
-    g.connect(create, 0, save, "video")
-    g.save("gf_toy_world")
+# 5. Live steering ------------------------------------------------------------------------------
+g = Graph()
+Column(g, -NOTE_WIDTH - GAP).note(
+    "GF Live: press Run, then steer the video in the GF Live Sampler panel while it plays. Type the next prompt "
+    "and press Enter (it takes effect at the next chunk boundary, with the transition chosen beside the box: "
+    "apr, hard or none); Cut (or Ctrl+Enter) starts a new shot, to the typed prompt if any; Pause holds "
+    "generation and playback; Stop ends the take. The status line shows the generation rate against playback "
+    "(16 fps), the buffer and the latency from a sent prompt to its first frame.\n\nThe take comes out as "
+    "latents, a video and a GF Prompt Timeline script (shown on the right): paste it into GF Prompt Timeline "
+    "and run GF Sampler with the same model, memory, seed and size and noise_order 'chunk' to make the same "
+    "video again, bit for bit (docs/LIVE.md).\n\n" + MODEL_NOTE, (NOTE_WIDTH, 900))
+col = Column(g, 0)
+model, clip, vae = loaders(col)
+mem = col.add("GFDualMemory")
+live = Column(g, right_of("CLIPLoader")).add(
+    "GFLiveSampler", seed=42, prompt="A red fox trots through a snowy pine forest at sunrise, soft golden light, "
+                                     "tracking shot, cinematic, highly detailed")
+for src, name in ((model, "model"), (mem, "memory"), (clip, "clip"), (vae, "vae")):
+    g.connect(src, 0, live, name)
+col = Column(g, right_of("CLIPLoader", "GFLiveSampler"))
+save = col.add("SaveVideo", filename_prefix="video/gf_live")
+g.connect(live, "video", save, "video")
+script = col.add("PreviewAny", (SIZES["SaveVideo"][0], 300), title="The take as a timeline script")
+g.connect(live, "script", script, "source")
+g.save("gf_live")
 
-
-toy_world()
-
-# 5. Live: steer the video from the node's panel ------------------------------------------------
-def live_workflow():
-    g = Graph()
-    g.note("GF Live: press Run, then steer the video in the GF Live Sampler panel while it plays. Type the next "
-           "prompt and press Enter (it takes effect at the next chunk boundary, with the transition chosen "
-           "beside the box: apr, hard or none); Cut (or Ctrl+Enter) starts a new shot, to the typed prompt if "
-           "any; Pause holds generation and playback; Stop ends the take. The status line shows the generation "
-           "rate against playback (16 fps), the buffer and the latency from a sent prompt to its first frame."
-           "\n\nThe take comes out as latents, a video and a GF Prompt Timeline script (shown on the right): paste "
-           "it into GF Prompt Timeline and run GF Sampler with the same model, memory, seed and size and "
-           "noise_order 'chunk' to make the same video again, bit for bit (docs/LIVE.md).\n\n" + MODEL_NOTE,
-           (-480, 0), (440, 820))
-    model, clip, vae = loaders(g)
-    mem = g.add("GFDualMemory", (400, -160), (320, 300))
-    sampler = g.add("GFLiveSampler", (780, 0), (460, 760), seed=42)
-    g.connect(model, 0, sampler, "model")
-    g.connect(mem, 0, sampler, "memory")
-    g.connect(clip, 0, sampler, "clip")
-    g.connect(vae, 0, sampler, "vae")
-    save = g.add("SaveVideo", (1280, 0), (480, 420), filename_prefix="video/gf_live")
-    g.connect(sampler, "video", save, "video")
-    script = g.add("PreviewAny", (1280, 460), (480, 300), title="The take as a timeline script")
-    g.connect(sampler, "script", script, "source")
-    g.save("gf_live")
-
-
-live_workflow()
+# 6. The toy world: the whole pack with the model it ships, nothing to download ------------------------------------------
+g = Graph()
+Column(g, -NOTE_WIDTH - GAP).note(
+    "GF toy world: runs as it is, with nothing to download. A small Wan2.1-architecture model that ships with "
+    "the pack, trained on a toy world of shapes on simple scenes (256x256), plays a five-line script: the red "
+    "circle moves right, a prompt switch makes it bounce, a cut moves it to the snow, a second subject enters. "
+    "Change the sentences (the timeline's tooltip lists the words) or the memory policy and run again; on a CPU "
+    "it takes under a minute. GF Toy World Decode shows the latents through the Wan latent-to-RGB map the toy "
+    "world is made with, so no VAE is needed. For real video, open the other workflows and download a causal "
+    "Wan2.1 model.", (NOTE_WIDTH, 420))
+col = Column(g, 0)
+toy = col.add("GFToyWorldModel")
+script = col.add("GFToyWorldTimeline")
+col = Column(g, right_of("GFToyWorldTimeline"))
+mem = col.add("GFDualMemory")
+sampler = col.add("GFSampler", width=256, height=256, seed=0)
+g.connect(toy, 0, sampler, "model")
+g.connect(mem, 0, sampler, "memory")
+g.connect(script, 0, sampler, "segments")
+col = Column(g, right_of("GFToyWorldTimeline", "GFSampler"))
+decode = col.add("GFToyWorldDecode")
+g.connect(sampler, "latent", decode, "samples")
+create = col.add("CreateVideo", fps=16.0)
+g.connect(decode, 0, create, "images")
+save = Column(g, right_of("GFToyWorldTimeline", "GFSampler", "GFToyWorldDecode")).add(
+    "SaveVideo", filename_prefix="video/gf_toy_world")
+g.connect(create, 0, save, "video")
+g.save("gf_toy_world")
 print("wrote", ", ".join(sorted(p.name for p in (REPO / "workflows").glob("*.json"))))
