@@ -121,12 +121,13 @@ def gf_sampler(model, embedding, frames: int, width: int, height: int, seed: int
     import comfy.model_management as mm
 
     load_pack()
+    from grounded_forcing.gf_core import grounded
     from grounded_forcing.gf_core.kernels import resolve
     from grounded_forcing.nodes import comfy_model, policy, prompts, sampling
 
     segments = prompts.add_segment(None, embedding, frames)
     module = model.model.diffusion_model
-    memory, rope_kind = policy.apply_rope(policy.build_memory(), policy.rope_options(model.model_options))
+    memory, rope_kind = policy.apply_rope(grounded(), policy.rope_options(model.model_options))
     device, dtype = model.load_device, model.model.manual_cast_dtype or model.model.get_dtype()
     config = sampling.run_config(width, height, seed, 1, "reference", fused, rope_kind, device, dtype)
     cfg = sampling.check(module, segments, memory, config)

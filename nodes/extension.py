@@ -6,7 +6,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from .decode_nodes import GFStreamDecode
 from .live_nodes import GFLiveSampler
-from .memory_nodes import GFDualMemory
+from .memory_nodes import (
+    GFAnchorForcingMemory,
+    GFContextForcingMemory,
+    GFDualMemory,
+    GFInfinityRoPEMemory,
+    GFLongLiveMemory,
+    GFSelfForcingMemory,
+)
 from .model_nodes import GFDRRoPE, GFLoadCausalWanModel
 from .prompt_nodes import GFAPRTransition, GFCut, GFPromptSegment, GFPromptTimeline
 from .sampler_nodes import GFSampler
@@ -16,6 +23,11 @@ from .toy_nodes import GFToyWorldDecode, GFToyWorldModel, GFToyWorldPrompt, GFTo
 NODES: list[type[io.ComfyNode]] = [
     GFLoadCausalWanModel,
     GFDualMemory,
+    GFLongLiveMemory,
+    GFSelfForcingMemory,
+    GFInfinityRoPEMemory,
+    GFAnchorForcingMemory,
+    GFContextForcingMemory,
     GFDRRoPE,
     GFPromptSegment,
     GFAPRTransition,

@@ -93,6 +93,24 @@ def skip_reason(comfy_path: str | None, browser: bool = True) -> str | None:
     return None
 
 
+# The loaders' model widgets in UI-format workflows: node type -> ((widget index, models folder), ...).
+MODEL_WIDGETS = {"GFLoadCausalWanModel": ((0, "diffusion_models"), (2, "loras")), "CLIPLoader": ((0, "text_encoders"),),
+                 "VAELoader": ((0, "vae"),)}
+NO_FILE = "none"  # a loader's value for "no LoRA"
+
+
+def workflow_models(paths: Iterable[Path]) -> dict[str, dict[str, bytes]]:
+    """Empty model files under the names these UI-format workflows load, for :func:`comfy_server`'s
+    ``models`` (so the frontend finds every model a workflow lists)."""
+    files: dict[str, dict[str, bytes]] = {}
+    for path in paths:
+        for node in json.loads(Path(path).read_text())["nodes"]:
+            for index, folder in MODEL_WIDGETS.get(node["type"], ()):
+                if node["widgets_values"][index] != NO_FILE:
+                    files.setdefault(folder, {})[node["widgets_values"][index]] = b""
+    return files
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -181,7 +199,10 @@ def _wait_until_up(server: ComfyServer, timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def chromium_driver(width: int = 1600, height: int = 1000):
-    """A headless Chromium driven by selenium (Debian's chromedriver), with a fresh profile; quit on exit."""
+    """A headless Chromium driven by selenium (Debian's chromedriver), with a fresh profile; quit on exit.
+
+    The page's viewport (``innerWidth`` x ``innerHeight``) is exactly ``width`` x ``height`` CSS pixels.
+    """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -193,13 +214,37 @@ def chromium_driver(width: int = 1600, height: int = 1000):
                      "--disable-dev-shm-usage", "--hide-scrollbars", f"--window-size={width},{height}",
                      f"--user-data-dir={profile}"):
             options.add_argument(flag)
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})  # console, network
         driver = webdriver.Chrome(options=options, service=Service(executable_path=_binary(CHROMEDRIVER)))
         try:
-            driver.set_window_size(width, height)
+            driver.set_window_size(width, height + 200)
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
             yield driver
         finally:
             driver.quit()
+
+
+def load_workflow(driver, workflow: dict, name: str | None = None) -> None:
+    """Load a UI-format workflow in the page as the template browser does (in a tab named ``name``,
+    if given); return once it has drawn."""
+    driver.execute_async_script("""
+        const [workflow, name, done] = arguments;
+        app.loadGraphData(workflow, true, true, name).then(() => {
+          app.canvas.setDirty(true, true);
+          requestAnimationFrame(() => requestAnimationFrame(() => done(true)));
+        });""", workflow, name)
+
+
+def responses(driver) -> dict[str, int]:
+    """URL -> HTTP status of every response the page received since the last call (Chrome's network log)."""
+    statuses = {}
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.responseReceived":
+            response = message["params"]["response"]
+            statuses[response["url"]] = response["status"]
+    return statuses
 
 
 def wait_for_app(driver, timeout_s: float = 120.0) -> None:

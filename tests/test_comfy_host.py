@@ -37,7 +37,8 @@ COMFY = TREES[0]
 
 REPO = Path(__file__).resolve().parent.parent
 TESTING_NODES = REPO / "tests" / "comfy_testing_nodes"
-PACK_NODES = {"GFLoadCausalWanModel", "GFDualMemory", "GFDRRoPE", "GFPromptSegment", "GFAPRTransition", "GFCut",
+PACK_NODES = {"GFLoadCausalWanModel", "GFDualMemory", "GFLongLiveMemory", "GFSelfForcingMemory", "GFInfinityRoPEMemory",
+              "GFAnchorForcingMemory", "GFContextForcingMemory", "GFDRRoPE", "GFPromptSegment", "GFAPRTransition", "GFCut",
               "GFPromptTimeline", "GFSampler", "GFStreamDecode"}
 TINY_MODEL = "gf_tiny_wan.safetensors"
 TINY_AR_MODEL = "gf_tiny_wan_causal_ar.safetensors"
@@ -177,6 +178,11 @@ def _pack(host, name: str):
     so its node classes check against their own copy of the pack's types, not the tests' import."""
     base = host.nodes.NODE_CLASS_MAPPINGS["GFSampler"].__module__.rsplit(".", 2)[0]
     return sys.modules[f"{base}.nodes.{name}"]
+
+
+def _grounded(host):
+    """GF Dual Memory's default memory, made by ComfyUI's copy of the pack (as _pack explains)."""
+    return host.nodes.NODE_CLASS_MAPPINGS["GFDualMemory"].execute(3, 6, "after_switch", 0.8, 0.0).args[0]
 
 
 def _captured(host) -> dict:
@@ -421,9 +427,8 @@ def _story_prompt(model_node: dict, extra: dict | None = None) -> dict:
         "1": model_node,
         "2": {"class_type": "GFDRRoPE", "inputs": {"model": ["1", 0], "mode": "dr_rope", "rope_range": 21,
                                                    "layout": "pinned_end", "precision": "float32"}},
-        "3": {"class_type": "GFDualMemory", "inputs": {"policy": "grounded", "gcm_frames": 3, "ltm_frames": 6,
-                                                       "gcm_update": "after_switch", "alpha_max": 0.8, "d_window": 0.0,
-                                                       "sink_frames": 3, "window_frames": 12, "global_sink": True}},
+        "3": {"class_type": "GFDualMemory", "inputs": {"gcm_frames": 3, "ltm_frames": 6, "gcm_update": "after_switch",
+                                                       "alpha_max": 0.8, "d_window": 0.0}},
         "4": {"class_type": "GFTestConditioning", "inputs": {"seed": 1, "rows": 600}},
         "5": {"class_type": "GFTestConditioning", "inputs": {"seed": 2, "rows": 20}},
         "6": {"class_type": "GFPromptSegment", "inputs": {"conditioning": ["4", 0], "duration": 1.5,
@@ -451,7 +456,7 @@ def _reference_latents(sd: dict) -> torch.Tensor:
 
     segments = prompts.add_segment(None, embedding(1, 600), 6)
     segments = prompts.add_segment(segments, embedding(2, 20), 6, prompts.make_transition("apr", 0.8, 0.0))
-    memory, kind = policy.apply_rope(policy.build_memory(), policy.RopeOptions())
+    memory, kind = policy.apply_rope(gf.grounded(), policy.RopeOptions())
     model = gf.WanModel.from_state_dict(sd)
     return gf.generate(model, list(segments), memory, width=32, height=48, seed=7, rope_kind=kind).latents
 
@@ -654,14 +659,14 @@ def test_comfy_versions_bench_samples_as_gf_sampler_does(host):
     """bench/comfy_versions.py takes GF Sampler's steps without the node module (which needs PyAV):
     the latents are the node's, fused blocks included."""
     import comfy.sd
-    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
+    prompts = _pack(host, "prompts")
 
     bench = _bench("comfy_versions")
     model = comfy.sd.load_diffusion_model(str(host.models / "diffusion_models" / TINY_AR_MODEL))
     embedding = bench.prompt_embedding()
     latents, fused = bench.gf_sampler(model, embedding, 6, 32, 32, 0, "on")
     node = host.nodes.NODE_CLASS_MAPPINGS["GFSampler"].execute(
-        model=model, memory=policy.build_memory(), segments=prompts.add_segment(None, embedding, 6), width=32,
+        model=model, memory=_grounded(host), segments=prompts.add_segment(None, embedding, 6), width=32,
         height=32, seed=0, batch_size=1, noise_order="reference", fused="on").args[0]["samples"]
     assert fused and torch.equal(latents, node)
 
@@ -692,19 +697,19 @@ def test_comfy_versions_bench_runs_a_tree_in_its_own_process(host, tmp_path):
 def test_sampler_validates_before_loading_the_model(host, monkeypatch):
     import comfy.model_management as mm
     import comfy.sd
-    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
+    prompts = _pack(host, "prompts")
 
     loads = []
     monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
     model = comfy.sd.load_diffusion_model_state_dict(_tiny_wan())
     segments = prompts.add_segment(None, torch.zeros(1, 8, 4096), 6)
     sampler = host.nodes.NODE_CLASS_MAPPINGS["GFSampler"]
-    args = {"model": model, "memory": policy.build_memory(), "segments": segments, "seed": 0, "batch_size": 1,
+    args = {"model": model, "memory": _grounded(host), "segments": segments, "seed": 0, "batch_size": 1,
             "noise_order": "chunk"}
     with pytest.raises(ValueError, match="width 40 is not a multiple of 16; use "):
         sampler.execute(width=40, height=32, **args)
     with pytest.raises(ValueError, match="holds at most 21 latent frames"):
-        sampler.execute(width=32, height=32, **{**args, "memory": policy.build_memory("self_forcing"),
+        sampler.execute(width=32, height=32, **{**args, "memory": host.nodes.NODE_CLASS_MAPPINGS["GFSelfForcingMemory"].execute(21).args[0],
                                                 "segments": prompts.add_segment(None, torch.zeros(1, 8, 4096), 30)})
     assert loads == []
 
@@ -732,14 +737,14 @@ def test_timeline_node_encodes_each_line_with_the_clip(host):
 
 
 def test_fp8_weights_sample_in_the_manual_cast_dtype(host):
-    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
+    prompts = _pack(host, "prompts")
 
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
                                                   lora_strength=1.0, weight_dtype="fp8_e4m3fn").args[0]
     assert model.model.get_dtype() == torch.float8_e4m3fn and model.model.manual_cast_dtype is not None
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(0)), 6)
-    out = nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
+    out = nodes["GFSampler"].execute(model=model, memory=_grounded(host), segments=segments, width=32,
                                      height=32, seed=0, batch_size=1, noise_order="chunk")
     latents = out.args[0]["samples"]
     assert latents.shape == (1, 16, 6, 4, 4) and torch.isfinite(latents).all()
@@ -750,7 +755,7 @@ def test_bf16_model_without_manual_cast_runs_as_on_a_gpu(host, monkeypatch):
     float32); force that on CPU, where ComfyUI would otherwise compute in float32."""
     import comfy.model_management as mm
     import comfy.sd
-    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
+    prompts = _pack(host, "prompts")
 
     monkeypatch.setattr(mm, "unet_manual_cast", lambda *a, **k: None)
     model = comfy.sd.load_diffusion_model_state_dict(_tiny_wan(), model_options={"dtype": torch.bfloat16})
@@ -758,7 +763,7 @@ def test_bf16_model_without_manual_cast_runs_as_on_a_gpu(host, monkeypatch):
     assert model.model.diffusion_model.patch_embedding.weight.dtype == torch.float32
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(0)), 6)
     out = host.nodes.NODE_CLASS_MAPPINGS["GFSampler"].execute(
-        model=model, memory=policy.build_memory(), segments=segments, width=32, height=32, seed=0, batch_size=1,
+        model=model, memory=_grounded(host), segments=segments, width=32, height=32, seed=0, batch_size=1,
         noise_order="chunk")
     latents = out.args[0]["samples"]
     assert latents.shape == (1, 16, 6, 4, 4) and torch.isfinite(latents).all()
@@ -766,12 +771,10 @@ def test_bf16_model_without_manual_cast_runs_as_on_a_gpu(host, monkeypatch):
 
 def _fused_and_unfused(host, weight_dtype: str, segments) -> list[torch.Tensor]:
     """GF Sampler's latents with fused "off", then "on", for the tiny model stored in ``weight_dtype``."""
-    policy = _pack(host, "policy")
-
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
                                                   lora_strength=1.0, weight_dtype=weight_dtype).args[0]
-    return [nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
+    return [nodes["GFSampler"].execute(model=model, memory=_grounded(host), segments=segments, width=32,
                                        height=32, seed=0, batch_size=1, noise_order="chunk",
                                        fused=fused).args[0]["samples"] for fused in ("off", "on")]
 
@@ -848,7 +851,7 @@ def test_fused_blocks_compile_where_core_layers_cannot_be_traced(host, monkeypat
 
 
 def test_fused_sampler_refuses_complex128_rope_before_loading(host):
-    policy, prompts = _pack(host, "policy"), _pack(host, "prompts")
+    prompts = _pack(host, "prompts")
 
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model = nodes["GFLoadCausalWanModel"].execute(model_name=TINY_MODEL, weights="ema", lora_name="none",
@@ -857,5 +860,5 @@ def test_fused_sampler_refuses_complex128_rope_before_loading(host):
                                       precision="complex128").args[0]
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096), 6)
     with pytest.raises(ValueError, match="fused blocks rotate in float32, but the RoPE precision is complex128"):
-        nodes["GFSampler"].execute(model=model, memory=policy.build_memory(), segments=segments, width=32,
+        nodes["GFSampler"].execute(model=model, memory=_grounded(host), segments=segments, width=32,
                                    height=32, seed=0, batch_size=1, noise_order="chunk", fused="on")

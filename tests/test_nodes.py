@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from grounded_forcing import gf_core as gf
 from grounded_forcing.gf_core.checkpoints import CheckpointError
+from grounded_forcing.gf_core.errors import BadInput
 from grounded_forcing.gf_core.latents import to_normalised, to_raw
+from grounded_forcing.gf_core.policies import (
+    anchor_forcing,
+    context_forcing,
+    grounded,
+    infinity_rope,
+    longlive,
+    self_forcing,
+)
 from grounded_forcing.nodes import loading, policy, prompts, sampling
 from helpers import fail_compiling
 from safetensors import safe_open
@@ -156,34 +169,93 @@ def test_timeline_reports_grammar_errors_before_encoding():
 # Memory and the RoPE patch
 
 
-def test_build_memory_presets():
-    assert policy.build_memory() == gf.grounded()
-    g = policy.build_memory("grounded", gcm_frames=4, ltm_frames=8, gcm_update="every_frame", alpha_max=0.6,
-                            d_window=10)
-    assert g.region("gcm").frames == 4 and g.region("ltm").frames == 8
-    assert (g.candidates, g.apr.alpha_max, g.apr.proximity_window, g.window) == ("every_frame", 0.6, 10, 10)
-    assert policy.build_memory("grounded", ltm_frames=8).window == 8  # D_window 0 = the LTM size
-    ll = policy.build_memory("longlive", sink_frames=3, window_frames=15, global_sink=False)
-    assert ll.name == "longlive" and ll.region("local").frames == 9 and not ll.recache.global_sink
-    assert ll.recache.frames == 15 and ll.switch == "longlive"
-    sf = policy.build_memory("self_forcing")
-    assert sf.name == "self_forcing" and sf.max_frames == 21
+def test_fixed_index_rules_keep_their_indices_under_the_rope_patch():
+    """A policy whose index rule is the method (the capability, not the preset's name) keeps it."""
+    for preset in (infinity_rope, context_forcing, anchor_forcing):
+        memory = preset()
+        assert memory.fixed_index_rule
+        assert policy.apply_rope(memory, policy.RopeOptions(precision="complex128", rope_range=30)) == \
+            (memory, "complex128")
+        with pytest.raises(BadInput, match=f"the '{memory.name}' memory places its own bounded RoPE indices"):
+            policy.apply_rope(memory, policy.RopeOptions(mode="absolute"))
+    renamed = dataclasses.replace(anchor_forcing(), name="grounded")
+    assert policy.apply_rope(renamed, policy.RopeOptions(rope_range=30))[0] == renamed
+    fixed = dataclasses.replace(gf.grounded(), fixed_index_rule=True)
+    assert policy.apply_rope(fixed, policy.RopeOptions(layout="after_gcm"))[0] == fixed
+    assert not any(p().fixed_index_rule for p in (gf.grounded, gf.longlive, gf.self_forcing))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"policy": "memflow"}, "unknown memory policy 'memflow'"),
-    ({"gcm_update": "sometimes"}, "unknown GCM update rule"),
-    ({"alpha_max": 1.5}, "alpha_max 1.5 is outside"),
-    ({"d_window": 0.5}, "D_window 0.5 is below 1 frame"),
-    ({"gcm_frames": 0}, "GCM size K 0 is below 1"),
-    ({"ltm_frames": 0}, "LTM window W 0 is below 1"),
-    ({"gcm_frames": 12, "ltm_frames": 8}, "do not fit the RoPE range of 21"),
-    ({"policy": "longlive", "window_frames": 6}, "leaves no room after the sink"),
-    ({"policy": "longlive", "sink_frames": 0}, "sink of 0 frames"),
+# The memory nodes themselves import ComfyUI's comfy_api: run with GF_COMFYUI_PATH and the ComfyUI Python.
+MEMORY_NODES = {  # node id -> (its inputs in order, the preset its execute calls)
+    "GFDualMemory": (("gcm_frames", "ltm_frames", "gcm_update", "alpha_max", "d_window"), grounded),
+    "GFLongLiveMemory": (("sink_frames", "window_frames", "global_sink"), longlive),
+    "GFSelfForcingMemory": (("cache_frames",), self_forcing),
+    "GFInfinityRoPEMemory": (("sink_frames", "window_frames", "flush_keep", "cut_index"), infinity_rope),
+    "GFAnchorForcingMemory": (("sink_frames", "window_frames"), anchor_forcing),
+    "GFContextForcingMemory": (("sink_frames", "slow_frames", "fast_frames", "tau", "promote_every"), context_forcing),
+}
+
+
+@pytest.fixture(scope="module")
+def memory_nodes():
+    comfy = os.environ.get("GF_COMFYUI_PATH")
+    if not comfy:
+        pytest.skip("set GF_COMFYUI_PATH to a ComfyUI checkout (and use its Python) to test the memory nodes")
+    if comfy not in sys.path:
+        sys.path.insert(0, comfy)
+    try:
+        import comfy.cli_args as cli
+
+        cli.args.cpu = True
+        from grounded_forcing.nodes import memory_nodes
+    except ImportError as e:
+        pytest.skip(f"ComfyUI does not import with this Python ({e}); run with the ComfyUI venv's Python")
+    return memory_nodes
+
+
+def test_each_memory_node_has_only_its_own_inputs(memory_nodes):
+    from grounded_forcing.nodes.extension import NODES
+
+    assert set(MEMORY_NODES) <= {n.GET_SCHEMA().node_id for n in NODES}
+    for node_id, (inputs, preset) in MEMORY_NODES.items():
+        node = getattr(memory_nodes, node_id)
+        schema = node.GET_SCHEMA()
+        assert schema.node_id == node_id and schema.display_name.startswith("GF ") and schema.description
+        assert tuple(i.id for i in schema.inputs) == inputs
+        assert all(i.tooltip and not i.optional for i in schema.inputs), node_id
+        assert [o.io_type for o in schema.outputs] == ["GF_MEMORY"]
+        assert tuple(inspect.signature(node.execute).parameters) == inputs
+        assert node.execute(**{i.id: i.default for i in schema.inputs}).result == (preset(),)
+
+
+def test_memory_nodes_call_their_presets(memory_nodes):
+    m = memory_nodes
+    g = m.GFDualMemory.execute(4, 8, "every_frame", 0.6, 10).result[0]
+    assert g == grounded(gcm_frames=4, ltm_frames=8, candidates="every_frame", alpha_max=0.6, proximity_window=10)
+    assert m.GFDualMemory.execute(3, 8, "after_switch", 0.8, 0.0).result[0].window == 8  # D_window 0 = W
+    ll = m.GFLongLiveMemory.execute(3, 15, False).result[0]
+    assert (ll.region("local").frames, ll.recache.frames, ll.recache.global_sink) == (9, 15, False)
+    assert m.GFSelfForcingMemory.execute(30).result[0].max_frames == 30
+    ir = m.GFInfinityRoPEMemory.execute(2, 10, 3, 40).result[0]
+    assert ([r.frames for r in ir.regions], ir.flush_keep, ir.cut.index) == ([2, 5], 3, 40)
+    cf = m.GFContextForcingMemory.execute(2, 8, 9, 0.9, 1).result[0]
+    assert ([r.frames for r in cf.regions], cf.rope_range, cf.promotion.tau, cf.promotion.every) == ([2, 8, 6], 19, 0.9, 1)
+    af = m.GFAnchorForcingMemory.execute(2, 15).result[0]
+    assert ([r.frames for r in af.regions], af.junction.index, af.recache.frames) == ([2, 3, 10], 3, 15)
+
+
+@pytest.mark.parametrize("node_id, args, message", [
+    ("GFDualMemory", (12, 8, "after_switch", 0.8, 0.0), "gcm 12 \\+ ltm 8 \\+ chunk 3 = 23 frames do not fit the RoPE range of 21"),
+    ("GFDualMemory", (3, 6, "after_switch", 0.8, 0.5), "D_window 0.5 is below 1 frame"),
+    ("GFLongLiveMemory", (3, 6, True), "memory region 'local' of the 'longlive' policy holds 0 frames"),
+    ("GFInfinityRoPEMemory", (2, 5, 2, 45), "memory region 'window' of the 'infinity_rope' policy holds 0 frames"),
+    ("GFContextForcingMemory", (3, 12, 3, 0.95, 2), "memory region 'fast' of the 'context_forcing' policy holds 0"),
+    ("GFContextForcingMemory", (3, 12, 6, 2.0, 2), "tau 2.0 is outside"),
+    ("GFAnchorForcingMemory", (3, 19), "the junction at temporal indices -1..1 leaves the RoPE range of 21"),
 ])
-def test_build_memory_errors(kwargs, message):
+def test_memory_nodes_refuse_through_the_policys_validation(memory_nodes, node_id, args, message):
     with pytest.raises(ValueError, match=message):
-        policy.build_memory(**kwargs)
+        getattr(memory_nodes, node_id).execute(*args)
 
 
 def test_rope_patch_applies_to_the_policy():
@@ -274,7 +346,7 @@ def story(frames=(6, 6, 6)) -> tuple:
 
 def test_sampler_logic_makes_raw_latents_and_an_event_log(tiny_model):
     segments = story()
-    memory = policy.build_memory("grounded")
+    memory = gf.grounded()
     progress, checks = [], []
     result = sampling.sample(tiny_model, segments, memory, sampling.run_config(32, 48, 5, 1),
                              on_chunk=lambda i, total, chunk: progress.append((i, total, chunk.latents.shape[2])),
@@ -321,11 +393,11 @@ def test_sampler_checks_before_running(tiny_model):
         sampling.check(tiny_model, segments, memory, config(830, 480))
     with pytest.raises(ValueError, match="batch size 2 with the GCM diversity update"):
         sampling.check(tiny_model, segments, memory, config(batch=2))
-    sampling.check(tiny_model, segments, policy.build_memory(gcm_update="frozen"), config(batch=2))
+    sampling.check(tiny_model, segments, gf.grounded(candidates="frozen"), config(batch=2))
     with pytest.raises(ValueError, match="unknown noise order"):
         sampling.check(tiny_model, segments, memory, config(noise_order="random"))
     with pytest.raises(ValueError, match="holds at most 21 latent frames"):
-        sampling.check(tiny_model, story((12, 6, 6)), policy.build_memory("self_forcing"), config())
+        sampling.check(tiny_model, story((12, 6, 6)), gf.self_forcing(), config())
     wrong_text = prompts.add_segment(None, torch.zeros(1, 8, 4096), 6)
     with pytest.raises(ValueError, match="segment 1: prompt embedding of shape"):
         sampling.check(tiny_model, wrong_text, memory, config())
@@ -434,8 +506,9 @@ def pack_node_ids() -> set[str]:
 
 
 def test_pack_declares_every_node():
-    assert pack_node_ids() == {"GFLoadCausalWanModel", "GFDualMemory", "GFDRRoPE", "GFPromptSegment",
-                               "GFAPRTransition", "GFCut", "GFPromptTimeline", "GFSampler", "GFStreamDecode",
+    assert pack_node_ids() == {"GFLoadCausalWanModel", "GFDualMemory", "GFLongLiveMemory", "GFSelfForcingMemory",
+                               "GFInfinityRoPEMemory", "GFAnchorForcingMemory", "GFContextForcingMemory", "GFDRRoPE",
+                               "GFPromptSegment", "GFAPRTransition", "GFCut", "GFPromptTimeline", "GFSampler", "GFStreamDecode",
                                "GFEventTimeline"}
 
 
@@ -460,7 +533,7 @@ def test_memory_estimate_counts_the_in_place_value_slots():
     from grounded_forcing.gf_core.config import parameter_count
 
     cfg = gf.WanConfig()
-    memory = policy.build_memory()
+    memory = gf.grounded()
     config = sampling.run_config(832, 480, 0, 1)
     plain = gf.estimate_memory(cfg, memory, config, torch.bfloat16)
     in_place = gf.estimate_memory(cfg, memory, config, torch.bfloat16, read_in_place=True)
@@ -495,7 +568,7 @@ def test_fused_auto_samples_uncompiled_where_compiling_fails(tiny_model, monkeyp
 
     fail_compiling(monkeypatch, kernels, "torch._inductor.exc")
     monkeypatch.setattr(kernels, "resolve", lambda setting, device, rope_kind: "eager" if setting == "eager" else "fused")
-    segments, memory = story(), policy.build_memory("grounded")
+    segments, memory = story(), gf.grounded()
     plain = sampling.sample(tiny_model, segments, memory, sampling.run_config(32, 32, 2, 1, fused="off"))
     with caplog.at_level("WARNING"):
         auto = sampling.sample(tiny_model, segments, memory, sampling.run_config(32, 32, 2, 1, fused="auto"))

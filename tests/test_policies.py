@@ -311,38 +311,6 @@ def test_context_forcing_real_generation(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# the Dual Memory node's options (plain functions, no ComfyUI)
-
-
-def test_build_memory_new_policies():
-    from grounded_forcing.gf_core import policies as node_policies
-    from grounded_forcing.nodes import policy
-
-    assert policy.build_memory("infinity_rope") == node_policies.infinity_rope()
-    assert policy.build_memory("context_forcing") == node_policies.context_forcing()
-    wide = policy.build_memory("infinity_rope", irope_sink_frames=2, irope_window_frames=10, flush_keep=3,
-                               cut_index=40, alpha_max=0.5)
-    assert [r.frames for r in wide.regions] == [2, 5]
-    assert (wide.flush_keep, wide.cut.index, wide.apr.alpha_max) == (3, 40, 0.5)
-    cf = policy.build_memory("context_forcing", cf_sink_frames=2, slow_frames=8, fast_frames=9, tau=0.9,
-                             promote_every=1)
-    assert [r.frames for r in cf.regions] == [2, 8, 6] and cf.rope_range == 19
-    assert (cf.promotion.tau, cf.promotion.every) == (0.9, 1)
-    for kwargs, message in (({"irope_window_frames": 4}, "leaves no room"),
-                            ({"fast_frames": 3}, "leaves no room after the chunk"),
-                            ({"slow_frames": 0}, "need at least 1 frame"),
-                            ({"tau": 2.0}, "tau 2.0 is outside")):
-        name = "infinity_rope" if "irope_window_frames" in kwargs else "context_forcing"
-        with pytest.raises(ValueError, match=message):
-            policy.build_memory(name, **kwargs)
-    # their indices are the method: the DR-RoPE patch sets only the precision, absolute is refused
-    memory = policy.build_memory("context_forcing")
-    assert policy.apply_rope(memory, policy.RopeOptions(precision="complex128", rope_range=30)) == (memory, "complex128")
-    with pytest.raises(ValueError, match="places its own bounded RoPE indices"):
-        policy.apply_rope(memory, policy.RopeOptions(mode="absolute"))
-
-
-# ---------------------------------------------------------------------------------------------
 # Anchor Forcing
 
 
@@ -575,22 +543,3 @@ def test_anchor_forcing_real_generation(model):
     plain = gf.generate(model, segs, no_junction, **RUN)
     assert torch.equal(plain.latents[:, :, :24], out.latents[:, :, :24])
     assert (plain.latents[:, :, 24:27] - out.latents[:, :, 24:27]).abs().max() > 1e-4
-
-
-def test_build_memory_anchor_forcing():
-    from grounded_forcing.gf_core import policies as node_policies
-    from grounded_forcing.nodes import policy
-
-    assert policy.build_memory("anchor_forcing") == node_policies.anchor_forcing()
-    wide = policy.build_memory("anchor_forcing", af_sink_frames=2, af_window_frames=15, alpha_max=0.5)
-    assert [r.frames for r in wide.regions] == [2, 3, 10]
-    assert (wide.junction.index, wide.recache.frames, wide.apr.alpha_max) == (3, 15, 0.5)
-    for kwargs, message in (({"af_window_frames": 6}, "leaves no room"),
-                            ({"af_sink_frames": 0}, "below 1"),
-                            ({"af_window_frames": 19}, "leaves the RoPE range of 21")):
-        with pytest.raises(ValueError, match=message):
-            policy.build_memory("anchor_forcing", **kwargs)
-    memory = policy.build_memory("anchor_forcing")
-    assert policy.apply_rope(memory, policy.RopeOptions(precision="complex128", rope_range=30)) == (memory, "complex128")
-    with pytest.raises(ValueError, match="places its own bounded RoPE indices"):
-        policy.apply_rope(memory, policy.RopeOptions(mode="absolute"))
