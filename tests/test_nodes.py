@@ -509,7 +509,8 @@ def test_pack_declares_every_node():
     assert pack_node_ids() == {"GFLoadCausalWanModel", "GFDualMemory", "GFLongLiveMemory", "GFSelfForcingMemory",
                                "GFInfinityRoPEMemory", "GFAnchorForcingMemory", "GFContextForcingMemory", "GFDRRoPE",
                                "GFPromptSegment", "GFAPRTransition", "GFCut", "GFPromptTimeline", "GFSampler", "GFStreamDecode",
-                               "GFEventTimeline"}
+                               "GFEventTimeline", "GFToyWorldModel", "GFToyWorldPrompt", "GFToyWorldTimeline",
+                               "GFToyWorldDecode", "GFLiveSampler"}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.name)

@@ -3,15 +3,6 @@ import torch
 import gf_core as gf
 
 
-def test_demo_writes_preview_and_events(tmp_path):
-    from gf_core import demo
-
-    demo.main(["--out", str(tmp_path), "--seconds", "1", "--size", "32"])
-    lines = (tmp_path / "events.jsonl").read_text().splitlines()
-    assert len(lines) == 4  # 4 + 4 + 4 frames end at chunk boundaries 6, 9, 12
-    assert (tmp_path / "preview.gif").stat().st_size > 0
-
-
 def test_generate_shapes_and_finite():
     cfg = gf.WanConfig.tiny()
     model = gf.WanModel.from_state_dict(gf.random_state_dict(cfg))
