@@ -702,25 +702,7 @@ def measure(story: Story, latents: torch.Tensor, first: int = 21, frames_per_min
     true_scene = torch.tensor([SCENE_ID[t.scene] for t in story.truth[:n]])
     out["scene"] = float((err.argmin(1).cpu() == true_scene).float().mean())
 
-    recall, cuts = [], []
-    for j in range(SUBJECT_SLOTS):
-        outside = 0
-        for f in range(n):
-            actors = story.truth[f].actors
-            if j >= len(actors):
-                outside = 0
-                continue
-            v = actors[j].visible()
-            if v < 0.1:
-                outside += 1
-            elif outside >= 6 and v >= VISIBLE:
-                recall += identity_hits(story, found, range(f, min(n, f + 12)))
-                outside = 0
-            elif v >= VISIBLE:
-                outside = 0
-    for k, s in enumerate(story.sentences):
-        if k and s.kind == "cut" and story.starts[k] < n:
-            cuts += identity_hits(story, found, range(story.starts[k], min(n, story.starts[k] + 12)))
+    recall, cuts = _returns_and_cuts(story, found, n)
     out["recall"] = _rate(recall)
     out["cut_identity"] = _rate(cuts)
 
@@ -742,6 +724,39 @@ def measure(story: Story, latents: torch.Tensor, first: int = 21, frames_per_min
     out["drift"] = drift
     out["collapse"] = collapse
 
+    responses, shocks = _switches(story, found, d, n)
+    out["switch_response"] = responses
+    out["switch_shock"] = shocks
+    return out
+
+
+def _returns_and_cuts(story: Story, found: list, n: int) -> tuple[list, list]:
+    """Identity hits over the 12 frames after a subject returns (after 6+ frames outside) and after each cut."""
+    recall, cuts = [], []
+    for j in range(SUBJECT_SLOTS):
+        outside = 0
+        for f in range(n):
+            actors = story.truth[f].actors
+            if j >= len(actors):
+                outside = 0
+                continue
+            v = actors[j].visible()
+            if v < 0.1:
+                outside += 1
+            elif outside >= 6 and v >= VISIBLE:
+                recall += identity_hits(story, found, range(f, min(n, f + 12)))
+                outside = 0
+            elif v >= VISIBLE:
+                outside = 0
+    for k, s in enumerate(story.sentences):
+        if k and s.kind == "cut" and story.starts[k] < n:
+            cuts += identity_hits(story, found, range(story.starts[k], min(n, story.starts[k] + 12)))
+    return recall, cuts
+
+
+def _switches(story: Story, found: list, d: torch.Tensor, n: int) -> tuple[list, list]:
+    """Per action switch: frames until the motion shows the new action 3 frames running, and the shock
+    (the frame difference ``d`` at the switch over the median of the 8 before it)."""
     responses, shocks = [], []
     for k, s in enumerate(story.sentences):
         start = story.starts[k]
@@ -767,6 +782,4 @@ def measure(story: Story, latents: torch.Tensor, first: int = 21, frames_per_min
             before = sorted(float(x) for x in d[start - 9: start - 1])
             median = before[len(before) // 2]
             shocks.append(float(d[start - 1]) / max(median, 1e-3))
-    out["switch_response"] = responses
-    out["switch_shock"] = shocks
-    return out
+    return responses, shocks

@@ -117,12 +117,23 @@ def _workflow_files(models: Path) -> None:
 
     for wf in sorted((REPO / "workflows").glob("*.json")):
         for node in json.loads(wf.read_text())["nodes"]:
-            for model in node.get("properties", {}).get("models", []):
+            named = list(node.get("properties", {}).get("models", []))
+            if node["type"] == "GFLoadCausalWanModel":  # a converted file the user makes: no download entry
+                model_name, _, lora_name = node["widgets_values"][:3]
+                named.append({"directory": "diffusion_models", "name": model_name})
+                if lora_name != "none":
+                    named.append({"directory": "loras", "name": lora_name})
+            for model in named:
                 path = models / model["directory"] / model["name"]
                 if path.exists():
                     continue
-                if model["directory"] == "diffusion_models":
+                safetensors = path.suffix == ".safetensors"
+                if model["directory"] == "diffusion_models" and safetensors:  # as gf_core.convert writes it
+                    save_file(_tiny_wan(seed=5), str(path))
+                elif model["directory"] == "diffusion_models":
                     torch.save({"generator": {f"model.{k}": v for k, v in _tiny_wan(seed=5).items()}}, path)
+                elif model["directory"] == "loras" and safetensors:
+                    save_file(_tiny_lora(), str(path))
                 elif model["directory"] == "loras":
                     torch.save({"generator_lora": _tiny_lora()}, path)
                 elif model["directory"] == "vae":
@@ -859,6 +870,6 @@ def test_fused_sampler_refuses_complex128_rope_before_loading(host):
     model = nodes["GFDRRoPE"].execute(model=model, mode="dr_rope", rope_range=21, layout="pinned_end",
                                       precision="complex128").args[0]
     segments = prompts.add_segment(None, torch.randn(1, 16, 4096), 6)
-    with pytest.raises(ValueError, match="fused blocks rotate in float32, but the RoPE precision is complex128"):
+    with pytest.raises(ValueError, match="fused blocks rotate in float32, but GF DR-RoPE asks for complex128"):
         nodes["GFSampler"].execute(model=model, memory=_grounded(host), segments=segments, width=32,
                                    height=32, seed=0, batch_size=1, noise_order="chunk", fused="on")
