@@ -386,9 +386,11 @@ def _on_a_cpu(prompt: dict) -> dict:
             node["class_type"] = "GFTestTextEncoder"
         elif node["class_type"] == "GFSampler":
             inputs.update(width=16, height=16)
+        elif node["class_type"] == "GFLiveSampler":  # no page steers it here: one chunk, unpaced
+            inputs.update(width=16, height=16, max_seconds=0.75, realtime=False)
         elif node["class_type"] == "GFPromptSegment":
             inputs.update(duration=3, unit="latent frames")
-        elif node["class_type"] == "GFPromptTimeline":
+        elif node["class_type"] in ("GFPromptTimeline", "GFToyWorldTimeline"):
             lines = []
             for line in inputs["script"].splitlines():
                 words, bar, text = line.partition("|")
@@ -403,9 +405,9 @@ def _segments(prompt: dict) -> int:
     """Segments every sampler of a converted workflow gets (its prompt segments or timeline lines)."""
     count = 0
     for node in prompt.values():
-        if node["class_type"] == "GFPromptSegment":
+        if node["class_type"] in ("GFPromptSegment", "GFLiveSampler"):  # a live take here: one chunk
             count += 1
-        elif node["class_type"] == "GFPromptTimeline":
+        elif node["class_type"] in ("GFPromptTimeline", "GFToyWorldTimeline"):
             count += sum(1 for line in node["inputs"]["script"].splitlines()
                          if "|" in line and not line.lstrip().startswith("#"))
     return count
