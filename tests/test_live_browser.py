@@ -249,11 +249,11 @@ def test_live_take_in_the_page_replays_through_gf_sampler(server):
         driver.find_element("css selector", f"{PANEL} .gf-live-cut").click()
         cut_at = wait_applied(driver, 3)
         driver.find_element("css selector", f"{PANEL} .gf-live-stop").click()
-        wait_until(lambda: (panel_data(driver) or {}).get("total"), 60, "the end of the take")
-        data = panel_data(driver)
+        status_line = driver.find_element("css selector", f"{PANEL} .gf-live-status")
+        wait_until(lambda: "stopped" in status_line.text, 60, "the end of the take")
+        data = panel_data(driver)  # (the panel writes its status and counters together)
         assert int(data["received"]) > 0 and int(data["played"]) > 0  # since the reload
-        status_line = driver.find_element("css selector", f"{PANEL} .gf-live-status").text
-        assert "stopped" in status_line and "prompt latency" in status_line
+        assert "prompt latency" in status_line.text and data["total"]
         page_log = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not [m for m in page_log if "gf_live" in m or "live.js" in m], page_log
 
