@@ -533,9 +533,10 @@ class LiveRun:
                 segment = Segment(embedding, self.chunk_frames, transition_of(kind))
         return self.reason
 
-    def finish(self, reason: str, script: str) -> None:
-        """Flush the decoder, tell the page the take ended and end the session."""
-        if self.decoder is not None and self.chunks:
+    def finish(self, reason: str, script: str, flush: bool = True) -> None:
+        """Flush the decoder (not after a cancel, which may have stopped it mid-frame), tell the page
+        the take ended and end the session."""
+        if flush and self.decoder is not None and self.chunks:
             frames = self.decoder.flush()
             if frames.shape[0]:
                 self.pixel_frames_sent += frames.shape[0]
