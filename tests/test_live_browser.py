@@ -33,7 +33,7 @@ if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_NODES = REPO / "tests" / "live_testing_nodes"
+TEST_NODES = REPO / "tests" / "comfy_testing_nodes"  # GFTestTextEncoder: a small stand-in for umT5
 TINY_MODEL = "gf_tiny_wan.safetensors"
 TINY_VAE = "gf_random_wan_vae.safetensors"
 SIZE = 32
@@ -115,6 +115,7 @@ const [workflow, names, done] = [arguments[0], arguments[1], arguments[arguments
   const clip = find("CLIPLoader");
   const encoder = LiteGraph.createNode("GFTestTextEncoder");
   g.add(encoder);
+  set(encoder, "clip_name", "umt5"); set(encoder, "type", "wan");
   encoder.connect(0, live, live.findInputSlot("clip"));
   g.remove(clip);
   const keep = LiteGraph.createNode("SaveLatent");
@@ -313,7 +314,7 @@ def test_a_cancelled_take_keeps_its_latents_script_and_video(server):
     graph = {
         "1": api_node(server, "GFLoadCausalWanModel", model_name=TINY_MODEL, lora_name=loading.NO_LORA,
                       weight_dtype="default"),
-        "2": api_node(server, "GFTestTextEncoder"),
+        "2": api_node(server, "GFTestTextEncoder", clip_name="umt5", type="wan"),
         "3": api_node(server, "VAELoader", vae_name=TINY_VAE),
         "4": api_node(server, "GFDualMemory"),
         "5": api_node(server, "GFLiveSampler", model=["1", 0], memory=["4", 0], clip=["2", 0], vae=["3", 0],
