@@ -50,7 +50,6 @@ MAX_WAITING = 8  # prompts and cuts accepted but not yet applied
 PAGE_TRANSITIONS = ("apr", "hard", "none")
 COMMANDS = ("prompt", "cut", "pause", "resume", "stop")
 FIELDS = ("session", "type", "text", "transition")
-STATES = ("running", "paused", "stopping", "ended")
 JPEG_QUALITY = 85
 
 
@@ -182,9 +181,9 @@ class LiveSession:
     def snapshot(self) -> dict:
         """What a page that (re)connects needs to pick the take up."""
         with self._cond:
-            return {"session": self.id, "node": self.node, "state": "stopping" if self._stop and self.state != "ended"
-                    else self.state, "latent_frames": self.latent_frames, "prompt": self.text,
-                    "waiting": self._waiting, **self.info}
+            state = "stopping" if self._stop and self.state != "ended" else self.state
+            return {**self.info, "session": self.id, "node": self.node, "state": state,
+                    "latent_frames": self.latent_frames, "prompt": self.text, "waiting": self._waiting}
 
     # -- the worker's side ---------------------------------------------------------------------
 
