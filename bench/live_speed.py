@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, cfg, size, dtype, device, vae, decoding = build(args, gf)
     times = [(k + 1) / (args.prompts + 1) for k in range(args.prompts)]
     # warm-up: every shape of the take once (memory filling, a switch; fused blocks compile here)
-    take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, 36, [0.5])
+    take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, min(36, args.frames), [0.5])
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -50,7 +50,6 @@ MAX_WAITING = 8  # prompts and cuts accepted but not yet applied
 PAGE_TRANSITIONS = ("apr", "hard", "none")
 COMMANDS = ("prompt", "cut", "pause", "resume", "stop")
 FIELDS = ("session", "type", "text", "transition")
-STATES = ("running", "paused", "stopping", "ended")
 JPEG_QUALITY = 85
 
 
@@ -182,9 +181,9 @@ class LiveSession:
     def snapshot(self) -> dict:
         """What a page that (re)connects needs to pick the take up."""
         with self._cond:
-            return {"session": self.id, "node": self.node, "state": "stopping" if self._stop and self.state != "ended"
-                    else self.state, "latent_frames": self.latent_frames, "prompt": self.text,
-                    "waiting": self._waiting, **self.info}
+            state = "stopping" if self._stop and self.state != "ended" else self.state
+            return {**self.info, "session": self.id, "node": self.node, "state": state,
+                    "latent_frames": self.latent_frames, "prompt": self.text, "waiting": self._waiting}
 
     # -- the worker's side ---------------------------------------------------------------------
 
@@ -533,9 +532,10 @@ class LiveRun:
                 segment = Segment(embedding, self.chunk_frames, transition_of(kind))
         return self.reason
 
-    def finish(self, reason: str, script: str) -> None:
-        """Flush the decoder, tell the page the take ended and end the session."""
-        if self.decoder is not None and self.chunks:
+    def finish(self, reason: str, script: str, flush: bool = True) -> None:
+        """Flush the decoder (not after a cancel, which may have stopped it mid-frame), tell the page
+        the take ended and end the session."""
+        if flush and self.decoder is not None and self.chunks:
             frames = self.decoder.flush()
             if frames.shape[0]:
                 self.pixel_frames_sent += frames.shape[0]

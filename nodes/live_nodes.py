@@ -171,13 +171,14 @@ def _header(seed: int, width: int, height: int, memory: str, engine) -> list[str
 
 def _keep_partial(run: live.LiveRun | None, mp4: Mp4Writer, sink: live.FrameSink, header: list[str]) -> None:
     """A cancelled or failed take keeps what it finished: its latents (core's .latent), its script
-    and its video, in ComfyUI's output folder under grounded_forcing/. Never raises: the error
-    that ended the take is the one to report."""
+    and its video, in ComfyUI's output folder under grounded_forcing/. The video holds the frames
+    decoded before the cancel (ComfyUI's layers may stop a decode mid-chunk; the latents are
+    whole). Never raises: the error that ended the take is the one to report."""
     made = run is not None and run.chunks
     script = run.take.script(header) if made else ""
     try:
         if run is not None:
-            run.finish("cancelled", script)
+            run.finish("cancelled", script, flush=False)
     except Exception as e:  # the take's files matter more than the page's last message
         log.warning("Grounded Forcing: the live page was not told that the take ended: %s", e)
     try:

@@ -94,7 +94,7 @@ def command(kind: str, text: str | None = None, transition: str = "apr") -> live
 
 
 def test_prompts_take_effect_one_per_chunk_boundary_in_order():
-    s = live.LiveSession()
+    s = live.LiveSession(info={"prompt": "one", "fps": 16})
     s.submit(command("prompt", "one"))
     s.submit(command("cut", "two"))
     first = s.between_chunks()
@@ -103,6 +103,8 @@ def test_prompts_take_effect_one_per_chunk_boundary_in_order():
     assert (second.kind, second.text, second.seq) == ("cut", "two", 2)
     assert s.between_chunks() is None
     assert s.snapshot()["waiting"] == 0
+    s.applied("two", 6)  # what a page attaching now is told
+    assert (s.snapshot()["prompt"], s.snapshot()["latent_frames"]) == ("two", 6)
 
 
 def test_pause_holds_the_next_chunk_until_resume():

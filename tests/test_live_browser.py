@@ -33,7 +33,7 @@ if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_NODES = REPO / "tests" / "live_testing_nodes"
+TEST_NODES = REPO / "tests" / "comfy_testing_nodes"  # GFTestTextEncoder: a small stand-in for umT5
 TINY_MODEL = "gf_tiny_wan.safetensors"
 TINY_VAE = "gf_random_wan_vae.safetensors"
 SIZE = 32
@@ -86,9 +86,10 @@ def post(server, route: str, body: bytes, content_type: str = "application/json"
                                      headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
+            status, body = response.status, response.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        status, body = e.code, e.read()
+    return status, json.loads(body) if body else {}
 
 
 def command(server, message: dict) -> tuple[int, dict]:
@@ -114,13 +115,13 @@ const [workflow, names, done] = [arguments[0], arguments[1], arguments[arguments
   const clip = find("CLIPLoader");
   const encoder = LiteGraph.createNode("GFTestTextEncoder");
   g.add(encoder);
+  set(encoder, "clip_name", "umt5"); set(encoder, "type", "wan");
   encoder.connect(0, live, live.findInputSlot("clip"));
   g.remove(clip);
   const keep = LiteGraph.createNode("SaveLatent");
   g.add(keep);
   live.connect(0, keep, 0);
   set(keep, "filename_prefix", "gf_live_take");
-  for (const n of g._nodes) if (n.type === "SaveVideo") g.remove(n);  // the video is checked in the page
   // the whole live node on screen, so its panel can be typed into
   app.canvas.ds.scale = 0.8;
   app.canvas.ds.offset = [-live.pos[0] + 150, -live.pos[1] + 80];
@@ -194,6 +195,15 @@ def saved_latent(server, outputs: dict, node: str) -> torch.Tensor:
     return load_file(str(path))["latent_tensor"]
 
 
+def video_frames(server, output: dict) -> int:
+    """Frames of the video a SaveVideo output names."""
+    import av
+
+    entry = (output.get("images") or output.get("videos") or output.get("animated"))[0]
+    with av.open(str(server.base / "output" / entry["subfolder"] / entry["filename"])) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
 def api_node(server, class_type: str, **inputs) -> dict:
     """An API-format node: ``inputs`` over the defaults of its required widgets (from /object_info)."""
     info = server.get_json(f"/object_info/{class_type}")[class_type]["input"]
@@ -249,11 +259,11 @@ def test_live_take_in_the_page_replays_through_gf_sampler(server):
         driver.find_element("css selector", f"{PANEL} .gf-live-cut").click()
         cut_at = wait_applied(driver, 3)
         driver.find_element("css selector", f"{PANEL} .gf-live-stop").click()
-        wait_until(lambda: (panel_data(driver) or {}).get("total"), 60, "the end of the take")
-        data = panel_data(driver)
+        status_line = driver.find_element("css selector", f"{PANEL} .gf-live-status")
+        wait_until(lambda: "stopped" in status_line.text, 60, "the end of the take")
+        data = panel_data(driver)  # (the panel writes its status and counters together)
         assert int(data["received"]) > 0 and int(data["played"]) > 0  # since the reload
-        status_line = driver.find_element("css selector", f"{PANEL} .gf-live-status").text
-        assert "stopped" in status_line and "prompt latency" in status_line
+        assert "prompt latency" in status_line.text and data["total"]
         page_log = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not [m for m in page_log if "gf_live" in m or "live.js" in m], page_log
 
@@ -271,6 +281,8 @@ def test_live_take_in_the_page_replays_through_gf_sampler(server):
     latents = saved_latent(server, outputs, keep)
     assert latents.shape[:3] == (1, 16, sum(x.frames for x in lines))
     assert int(data["total"]) == gf.pixel_frames(latents.shape[2])  # every frame of the take went to the page
+    video = next(k for k, v in api.items() if v["class_type"] == "SaveVideo")
+    assert video_frames(server, outputs[video]) == gf.pixel_frames(latents.shape[2])
     assert int(data["latent"]) == latents.shape[2]
 
     # replay: the script through GF Prompt Timeline + GF Sampler, same model, memory and seed
@@ -295,3 +307,42 @@ def test_frontend_serves_the_panel_script(server):
     ours = [p for p in listed if p.endswith("/live.js")]
     assert ours, listed
     assert b"GroundedForcing.Live" in server.get(ours[0])
+
+
+def test_a_cancelled_take_keeps_its_latents_script_and_video(server):
+    """ComfyUI's Cancel (POST /interrupt) mid-take: the node saves what it finished."""
+    graph = {
+        "1": api_node(server, "GFLoadCausalWanModel", model_name=TINY_MODEL, lora_name=loading.NO_LORA,
+                      weight_dtype="default"),
+        "2": api_node(server, "GFTestTextEncoder", clip_name="umt5", type="wan"),
+        "3": api_node(server, "VAELoader", vae_name=TINY_VAE),
+        "4": api_node(server, "GFDualMemory"),
+        "5": api_node(server, "GFLiveSampler", model=["1", 0], memory=["4", 0], clip=["2", 0], vae=["3", 0],
+                      prompt=FIRST, seed=SEED, width=SIZE, height=SIZE, max_seconds=120.0, realtime=True),
+    }
+    status, queued = post(server, "/prompt", json.dumps({"prompt": graph, "client_id": "gf-test"}).encode())
+    assert status == 200, queued
+    wait_until(lambda: (server.get_json("/api/gf_live/session").get("latent_frames") or 0) >= 6, 120,
+               "two chunks of the take")
+    post(server, "/interrupt", b"{}")
+
+    def ended():
+        entry = server.get_json(f"/history/{queued['prompt_id']}").get(queued["prompt_id"])
+        return entry if entry and entry["status"].get("status_str") else None
+
+    entry = wait_until(ended, 120, "the take to stop", poll=0.5)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    saved = sorted((server.base / "output" / "grounded_forcing").glob("partial_*"))
+    by_kind = {p.suffix: p for p in saved}
+    assert set(by_kind) == {".latent", ".txt", ".mp4"}, saved
+    latents = load_file(str(by_kind[".latent"]))["latent_tensor"]
+    lines = prompts.parse_script(by_kind[".txt"].read_text())
+    assert [x.text for x in lines] == [FIRST] and lines[0].frames == latents.shape[2] >= 6
+    import av
+
+    with av.open(str(by_kind[".mp4"])) as container:
+        decoded = sum(1 for _ in container.decode(video=0))
+    # every frame decoded before the cancel; a cancel may stop the last chunk's decode
+    assert gf.pixel_frames(latents.shape[2] - 4) <= decoded <= gf.pixel_frames(latents.shape[2])
+    assert server.get_json("/api/gf_live/session") == {"session": None}

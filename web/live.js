@@ -22,7 +22,7 @@ const STYLE = `
 .gf-live button, .gf-live select { background: #333; color: #eee; border: 1px solid #555; border-radius: 4px;
   padding: 3px 8px; font: inherit; cursor: pointer; }
 .gf-live button:disabled { opacity: 0.4; cursor: default; }
-.gf-live-status { font-family: monospace; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.gf-live-status { font-family: monospace; line-height: 1.35; min-height: 2.7em; }
 .gf-live-reply { min-height: 1.2em; color: #f99; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 `;
 
@@ -242,7 +242,7 @@ class Panel {
     const state = take && this.root.dataset.session === take.session ? take.state : "ended";
     const ended = state === "ended" ? ` (${this.endReason ?? "ended"})` : "";
     this.status.textContent = `${state}${ended} | making ${gen} fps, playing ${p.fps} fps | buffer ` +
-      `${p.bufferSeconds().toFixed(2)} s | prompt latency ${lat} | ${this.madeFrames} latent frames, ` +
+      `${p.bufferSeconds().toFixed(2)} s | prompt latency ${lat} | ${this.madeFrames} latent frames made, ` +
       `${p.played} frames shown`;
   }
 }
