@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ROOT = Path(__file__).resolve().parent.parent
 
-from report import run_header, write_json  # noqa: E402
+from report import random_wan_vae, run_header, write_json  # noqa: E402
 
 
 def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
@@ -31,25 +31,11 @@ def wan_vae(comfyui: str | None, device: str, dtype: torch.dtype):
 
     if not comfyui:
         raise SystemExit("this bench needs a ComfyUI checkout: pass --comfyui or set GF_COMFYUI_PATH")
-    sys.path.insert(0, comfyui)
-    from comfy.ldm.wan.vae import WanVAE
-
     spec = importlib.util.spec_from_file_location("gf_decoding", ROOT / "nodes" / "decoding.py")
     decoding = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = decoding  # its dataclasses look their module up while it loads
     spec.loader.exec_module(decoding)
-    g = torch.Generator().manual_seed(0)
-    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                 temperal_downsample=[False, True, True], dropout=0.0)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():  # ComfyUI's layers skip weight init
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-            elif p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.zero_()
-    return vae.to(device=device, dtype=dtype).eval(), decoding
+    return random_wan_vae(comfyui, device, dtype), decoding
 
 
 def main() -> None:

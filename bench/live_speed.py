@@ -30,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from report import run_header, write_json  # noqa: E402
+from report import random_wan_vae, run_header, write_json  # noqa: E402
 
 PACKAGE = "grounded_forcing"
 PLAYBACK_FPS = 16
@@ -77,29 +77,6 @@ def build(args, gf):
 
         vae = random_wan_vae(args.comfyui, device, dtype)
     return model, cfg, size, dtype, device, vae, decoding
-
-
-def random_wan_vae(comfyui: str, device: str, dtype: torch.dtype):
-    """ComfyUI's Wan2.1 VAE module (``comfy.ldm.wan.vae.WanVAE``) at the shape core builds for
-    wan_2.1_vae.safetensors, with random weights."""
-    sys.path.insert(0, comfyui)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device == "cpu"
-    from comfy.ldm.wan.vae import WanVAE
-
-    g = torch.Generator().manual_seed(0)
-    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                 temperal_downsample=[False, True, True], dropout=0.0)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():  # ComfyUI's layers skip weight init
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-            elif p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.zero_()
-    return vae.to(device=device, dtype=dtype).eval()
 
 
 def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames: int, prompt_times: list[float]):
