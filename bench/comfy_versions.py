@@ -303,7 +303,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gf_comfy_versions_") as work:
         weights = os.path.join(work, "wan21_t2v_1.3b_random_causal_ar.safetensors")
         write_weights(weights, args.size)
-        for i, tree in enumerate(args.comfyui):
+        for i, tree in enumerate(os.path.abspath(t) for t in args.comfyui):
             part = os.path.join(work, f"tree_{i}.json")
             command = [sys.executable, str(Path(__file__).resolve()), "--one", tree, "--weights", weights, "--out", part,
                        "--size", args.size, "--frames", str(args.frames), "--warmup-frames", str(args.warmup_frames),

@@ -37,6 +37,7 @@ import os
 import random
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ from gf_core.wan import BlockOps, TextKV, WanConfig, block_step, encode_text, si
 
 CHUNK = tw.CHUNK_FRAMES
 MAX_WORDS = 10  # the longest sentence of the toy world has 9 words
+MAX_GAP = 9 * CHUNK  # story frames an anchor layout may leave out between its anchors and the rest
 
 
 def model_config(layers: int = 4, ffn: int = 1024) -> WanConfig:
@@ -152,6 +154,7 @@ def train_forward(
     rope: RopeTable,
     flex=None,
     block_mask=None,
+    index: tuple[list[int], list[int]] | None = None,
 ) -> torch.Tensor:
     """Velocity of every noisy chunk, each attending to its context's clean frames and itself.
 
@@ -162,6 +165,7 @@ def train_forward(
         context: per chunk, the earlier frames it attends to (:func:`frame_mask`).
         flex, block_mask: run self-attention through this FlexAttention function and the block mask
             of the context (:func:`flex_block_mask`) instead of SDPA with a token mask.
+        index: temporal RoPE indices (clean frames, noisy frames); default: the frame index for both.
 
     Returns: the velocity [B, 16, F, H, W] of the noisy frames.
     """
@@ -174,8 +178,8 @@ def train_forward(
     t = torch.cat([torch.zeros(b, frames, device=clean.device), timesteps.repeat_interleave(CHUNK, dim=1)], dim=1)
     e = model.time_embedding(sinusoid(cfg.freq_dim, t.reshape(-1)).type_as(h))  # [B * 2F, dim]
     e0 = model.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, 2 * frames))
-    index = list(range(frames))
-    freqs = rope.frequencies(index + index, grid[1], grid[2], "float32", clean.device)
+    clean_index, noisy_index = index or (list(range(frames)), list(range(frames)))
+    freqs = rope.frequencies(clean_index + noisy_index, grid[1], grid[2], "float32", clean.device)
     text = encode_text(model, prompts.flatten(0, 1), cfg.text_len)
     attention = BlockCausalAttention(frame_mask(context, clean.device), chunks, tokens, cfg.text_len, flex, block_mask)
     for i, block in enumerate(model.blocks):
@@ -214,7 +218,7 @@ class Pool:
     def __init__(self, stories: int, frames: int, seed: int, device: torch.device):
         rng = random.Random(seed)
         tables, scenes, prompts, visible, named = [], [], [], [], []
-        self.length = frames + 4 * CHUNK * 3
+        self.length = frames + 4 * CHUNK * 3 + MAX_GAP
         for _ in range(stories):
             story = tw.play(tw.random_script(rng, self.length))
             table, scene = tw.draw_table(story)
@@ -239,15 +243,17 @@ class Pool:
         self.device = device
         self._backgrounds: dict[int, torch.Tensor] = {}
 
-    def batch(self, size: int, latent_size: int, g: torch.Generator):
+    def batch(self, size: int, latent_size: int, g: torch.Generator, gap: int = 0):
         """(latents [B, 16, F, h, w], subject pixels [B, F, h, w] (bool, grown by 2 pixels), prompt ids
         per chunk [B, C], visible [B, F, S], named per chunk [B, C, S], first chunk trainable [B]) for
-        ``size`` random windows."""
+        ``size`` random windows. With ``gap`` (a multiple of CHUNK), a window is its first chunk, then
+        ``gap`` story frames left out, then the rest: anchors held from earlier in the story."""
         n = self.tables.shape[0]
         story = torch.randint(n, (size,), generator=g, device="cpu")
-        starts = torch.randint((self.length - self.frames) // CHUNK + 1, (size,), generator=g, device="cpu") * CHUNK
+        starts = torch.randint((self.length - self.frames - gap) // CHUNK + 1, (size,), generator=g, device="cpu") * CHUNK
         starts = torch.where(torch.rand(size, generator=g) < 0.5, torch.zeros_like(starts), starts)
-        frame = (starts.view(-1, 1) + torch.arange(self.frames)).to(self.device)
+        offset = torch.arange(self.frames) + gap * (torch.arange(self.frames) >= CHUNK)
+        frame = (starts.view(-1, 1) + offset).to(self.device)
         story = story.to(self.device).view(-1, 1).expand_as(frame)
         table = self.tables[story, frame]  # [B, F, S, 6]
         scenes = self.scenes[story, frame].flatten()
@@ -263,16 +269,53 @@ class Pool:
                 (starts == 0).to(self.device))
 
 
-def draw_context(rng: random.Random, chunks: int) -> tuple[str, list[list[int]]]:
-    """Which earlier frames each chunk attends to this step: all, or a sink plus the newest frames."""
-    if rng.random() < 0.5:
-        return "all", [list(range(c * CHUNK)) for c in range(chunks)]
-    sink, recent = rng.choice([1, 3]), rng.choice([2, 6, 9])
+class Layout(NamedTuple):
+    """What one training step's windows look like: which earlier frames each chunk attends to
+    (``context``, keyed by ``kind`` for the attention mask), the story frames left out after the
+    first chunk (``gap``), the temporal RoPE indices of the clean and the noisy frames, and the
+    chunks that train (a chunk right after a gap does not: where the subject went is not shown)."""
+
+    kind: str
+    context: list[list[int]]
+    gap: int = 0
+    clean_index: list[int] | None = None
+    noisy_index: list[int] | None = None
+    untrained: tuple[int, ...] = ()
+
+
+def sink_context(chunks: int, sink: int, recent: int) -> list[list[int]]:
+    """Per chunk: the window's first ``sink`` frames and the newest ``recent`` frames before it."""
     out = []
     for c in range(chunks):
         start = c * CHUNK
         out.append(sorted(set(range(min(sink, start))) | set(range(max(0, start - recent), start))))
-    return f"sink{sink}+{recent}", out
+    return out
+
+
+def draw_context(rng: random.Random, chunks: int, max_gap: int = 0) -> Layout:
+    """This step's layout, as the memories lay a chunk's context out at sampling time:
+
+    - every earlier frame at its frame index (Self-Forcing's whole cache);
+    - a sink of the first 1 or 3 frames plus the newest 2, 6 or 9, at frame indices (the windowed
+      memories inside the first 21 frames);
+    - three anchor frames (the window's first chunk) plus the newest 6 or 9, the anchors either all
+      at temporal index 0 (Dual-Reference RoPE's global memory) or at 0, 1, 2 (a sink), and, half of
+      the time, held from up to ``max_gap`` frames earlier in the story: the context of a chunk
+      long after its anchors, at the indices the bounded rules give it (the chunk ending at 20).
+    """
+    u = rng.random()
+    if u < 0.3:
+        return Layout("all", [list(range(c * CHUNK)) for c in range(chunks)])
+    if u < 0.55:
+        sink, recent = rng.choice([1, 3]), rng.choice([2, 6, 9])
+        return Layout(f"sink{sink}+{recent}", sink_context(chunks, sink, recent))
+    recent = rng.choice([6, 9])
+    frames = chunks * CHUNK
+    gap = CHUNK * rng.randint(1, max_gap // CHUNK) if max_gap >= CHUNK and rng.random() < 0.5 else 0
+    shared = rng.random() < 0.6
+    clean = [0] * CHUNK + list(range(CHUNK, frames)) if shared else list(range(frames))
+    return Layout(f"anchors+{recent}", sink_context(chunks, CHUNK, recent), gap, clean, list(range(frames)),
+                  (1,) if gap else ())
 
 
 def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.Tensor,
@@ -294,6 +337,25 @@ def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.
 # Training
 
 
+def narrow_text(folder: str, cfg: WanConfig) -> dict[str, torch.Tensor]:
+    """The float32 weights of the toy model in ``folder`` with word vectors ``cfg.text_dim`` wide: a
+    shipped model (umT5's width, :func:`gf_core.toyworld.widen_text`) taken back to the width it was
+    trained at, W = W' Q with the same orthonormal Q (so training goes on where it stopped)."""
+    from gf_core.checkpoints import load_wan_state_dict
+
+    sd = {k: v.float() for k, v in load_wan_state_dict(os.path.join(folder, tw.MODEL_FILE)).items()}
+    weight = sd["text_embedding.0.weight"]
+    wide = weight.shape[1]
+    if wide != cfg.text_dim:
+        g = torch.Generator().manual_seed(tw.WORD_SEED)
+        q, _ = torch.linalg.qr(torch.randn(wide, cfg.text_dim, generator=g, dtype=torch.float64))
+        sd["text_embedding.0.weight"] = (weight.double() @ q).float()
+    missing = set(gf.random_state_dict(cfg, seed=0)) ^ set(sd)
+    if missing:
+        raise SystemExit(f"{folder} does not hold a toy model of this configuration (keys differ: {sorted(missing)[:3]})")
+    return sd
+
+
 def train(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -301,9 +363,12 @@ def train(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(args.seed)  # which windows
     noise = torch.Generator(device=device).manual_seed(args.seed)  # noise levels and noise
     cfg = model_config(args.layers, args.ffn)
-    sd = gf.random_state_dict(cfg, seed=args.seed)
-    sd["head.head.weight"].zero_()
-    sd["head.head.bias"].zero_()
+    if args.init:
+        sd = narrow_text(args.init, cfg)
+    else:
+        sd = gf.random_state_dict(cfg, seed=args.seed)
+        sd["head.head.weight"].zero_()
+        sd["head.head.bias"].zero_()
     model = gf.WanModel(cfg)
     model.load_state_dict(sd)
     model.to(device).train()
@@ -343,10 +408,13 @@ def train(args: argparse.Namespace) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
-        x0, subject, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g)
+        layout = draw_context(rng, chunks, MAX_GAP)
+        kind, context = layout.kind, layout.context
+        x0, subject, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g, layout.gap)
         pixel_weight = 1.0 + args.subject_weight * subject.float()  # [B, F, h, w]
-        kind, context = draw_context(rng, chunks)
         weights = chunk_weights(context, visible, named, first_ok)  # [B, C]
+        for c in layout.untrained:
+            weights[:, c] = 0
         batch = x0.shape[0]
         level = torch.randint(len(schedule), (batch, chunks), generator=noise, device=device)
         sigma = sigmas[level].repeat_interleave(CHUNK, dim=1).view(batch, 1, args.frames, 1, 1)
@@ -358,7 +426,8 @@ def train(args: argparse.Namespace) -> dict:
             block_mask = flex_masks.get(kind, frame_mask(context, device)) if flex is not None else None
             with autocast:
                 v = train_forward(model, clean, noisy, timesteps[level], table[prompt_ids], context, rope,
-                                  flex, block_mask)
+                                  flex, block_mask,
+                                  None if layout.clean_index is None else (layout.clean_index, layout.noisy_index))
             err = (v.float() - (eps - x0)).pow(2).mean(dim=1) * pixel_weight  # [B, F, h, w]
             err = err.unflatten(1, (chunks, CHUNK)).sum(dim=(2, 3, 4))
             err = err / pixel_weight.unflatten(1, (chunks, CHUNK)).sum(dim=(2, 3, 4))  # [B, C]
@@ -499,6 +568,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="folder for everything this writes")
     ap.add_argument("--minutes", type=float, default=7.0, help="training time budget (wall clock)")
     ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
+    ap.add_argument("--init", metavar="FOLDER", help="start from the toy model in FOLDER (e.g. gf_core/toy) "
+                    "instead of random weights")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
