@@ -158,6 +158,7 @@ def summarise(run, clock: dict[int, float], began: float, ended: float, sink_lag
         "median_chunk_s": round(chunk_s, 4), "median_diffusion_s": round(statistics.median(made[i] for i in plain), 4),
         "median_decode_s": round(chunk_decode_s, 4), "switch_chunks": sorted(switches),
         "switch_chunk_s": [round(busy[i], 4) for i in sorted(switches)],
+        "chunk_diffusion_s": [round(m, 4) for m in made], "chunk_decode_s": [round(d, 4) for d in decode_s],
         "prompt_latency_s": latencies, "latency_bound_s": round(bound, 4),
         "latency_within_bound": bool(latencies) and max(latencies) <= bound,
         "page_bytes": sent_bytes, "page_lag_s": round(sink_lag, 3), "script": run.take.script(),

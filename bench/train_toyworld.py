@@ -3,17 +3,18 @@
 Every step takes a batch of 21-frame windows (7 chunks of 3 latent frames) of random toy-world
 stories (gf_core.toyworld) and runs ONE forward over [clean frames | noisy frames] with a
 block-causal mask: clean chunk c attends to the clean context frames chunk c may see and to
-itself, noisy chunk c to the same context and to itself. Temporal RoPE indices are the frame
-indices (0-20, the range the real models were trained on); each chunk has its own prompt in
+itself, noisy chunk c to the same context and to itself. Temporal RoPE indices stay within 0-20
+(the range the real models were trained on); each chunk has its own prompt in
 cross-attention and its own noise level, one of the four sigmas of the sampler's schedule
 (gf_core.sampler.Schedule.few_step), and the model predicts the flow-matching velocity
 v = eps - x0 of x = (1 - sigma) x0 + sigma eps. The forward is built from gf_core.wan's own
 block function (block_step), so it is exactly forward_chunk with a cache holding the clean
 context encoded at the cache-pass timestep (tests/test_toyworld.py checks this to 1e-5).
 
-The context a chunk may see is drawn per step: every earlier frame (as Self-Forcing), or a sink
-of the window's first 1 or 3 frames plus the newest 2, 6 or 9 frames (as the windowed memories
-see it). A chunk's loss counts only where its picture is determined: every subject it shows is
+The context a chunk may see, and at which indices, is drawn per step as the memories lay it out
+(:func:`draw_context`): every earlier frame, a sink plus the newest frames, or three anchors (at
+one index, as Dual-Reference RoPE's global memory, or at 0-2) plus the newest frames, the anchors
+possibly held from earlier in the story. ``--init`` goes on from a trained (or shipped) model. A chunk's loss counts only where its picture is determined: every subject it shows is
 named by its prompt or visible in a frame it attends to, and a window that starts mid-story
 does not train its first chunk. Pixels at and around a subject weigh ``1 + --subject-weight``
 in the loss, the background 1: the subjects are a small part of each frame, and what they are

@@ -30,6 +30,9 @@ from torch import nn
 PROBE_FRAMES = 10
 """Latent frames of the schedule probe: enough for a first group, full groups and a short last one
 for groups of 1 to 8 frames."""
+PROBE_SIZE = 8
+"""Latent pixels across the probe: the VAE's attention runs over one token per pixel, and CUDA's
+attention kernels refuse a single token in half precision (an unaligned stride)."""
 
 
 def is_wan21_vae(model: nn.Module) -> bool:
@@ -66,7 +69,7 @@ class DecodeSchedule:
 
 
 def read_schedule(vae: nn.Module, like: torch.Tensor) -> DecodeSchedule:
-    """Run ``vae.decode`` once on zeros [1, 16, PROBE_FRAMES, 1, 1] (device and dtype of ``like``)
+    """Run ``vae.decode`` once on zeros [1, 16, PROBE_FRAMES, PROBE_SIZE, PROBE_SIZE] (device and dtype of ``like``)
     and record the temporal size of every decoder call and the cache it is given."""
     calls: list[tuple[int, int | None]] = []
 
@@ -78,7 +81,7 @@ def read_schedule(vae: nn.Module, like: torch.Tensor) -> DecodeSchedule:
     handle = vae.decoder.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            pixels = vae.decode(like.new_zeros((1, like.shape[1], PROBE_FRAMES, 1, 1)))
+            pixels = vae.decode(like.new_zeros((1, like.shape[1], PROBE_FRAMES, PROBE_SIZE, PROBE_SIZE)))
     finally:
         handle.remove()
     sizes = [n for n, _ in calls]

@@ -59,7 +59,7 @@ class GFLiveSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A causal Wan2.1 T2V MODEL (GF Load Causal Wan Model or Load "
                                                 "Diffusion Model), optionally patched by GF DR-RoPE."),
-                Memory.Input("memory", tooltip="The long-video memory from GF Dual Memory."),
+                Memory.Input("memory", tooltip="The long-video memory: GF Dual Memory (Grounded Forcing) or any other GF memory node."),
                 io.Clip.Input("clip", tooltip="The Wan text encoder (umT5-XXL, CLIP Loader type 'wan'): encodes the "
                                               "first prompt and every prompt typed in the panel."),
                 io.Vae.Input("vae", tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors): decodes each chunk as it is "

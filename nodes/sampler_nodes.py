@@ -37,7 +37,7 @@ class GFSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A causal Wan2.1 T2V MODEL (GF Load Causal Wan Model or Load "
                                                 "Diffusion Model), optionally patched by GF DR-RoPE."),
-                Memory.Input("memory", tooltip="The long-video memory from GF Dual Memory."),
+                Memory.Input("memory", tooltip="The long-video memory: GF Dual Memory (Grounded Forcing) or any other GF memory node."),
                 Segments.Input("segments", tooltip="The prompts in order, from GF Prompt Segment or GF Prompt "
                                                    "Timeline."),
                 io.Int.Input("width", default=832, min=16, max=MAX_SIZE, step=16,

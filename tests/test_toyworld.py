@@ -91,10 +91,11 @@ def test_bad_prompts_say_what_works():
 # -- training ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("context,kernel", [("all", "sdpa"), ("sink", "sdpa"), ("sink", "flex")])
+@pytest.mark.parametrize("context,kernel", [("all", "sdpa"), ("sink", "sdpa"), ("sink", "flex"), ("anchors", "sdpa")])
 def test_training_forward_equals_cached_chunk_forward(context, kernel):
     """The masked [clean | noisy] forward of chunk 2 is forward_chunk of chunk 2 after the cache holds
-    chunks 0-1 encoded at the cache-pass timestep (each chunk under its own prompt), float32."""
+    chunks 0-1 encoded at the cache-pass timestep (each chunk under its own prompt), float32; with
+    "anchors", chunk 0's frames sit at temporal index 0 wherever they are keys or clean queries."""
     train = _train_module()
     model = tiny_model()
     cfg = gf.WanConfig.from_module(model)
@@ -104,7 +105,8 @@ def test_training_forward_equals_cached_chunk_forward(context, kernel):
     noisy = torch.randn(1, 16, frames, size, size, generator=g)
     timesteps = torch.tensor([[1000.0, 833.3333, 625.0]])
     prompts = torch.cat([torch.randn(1, 3, 5, cfg.text_dim, generator=g), torch.zeros(1, 3, 2, cfg.text_dim)], dim=2)
-    ctx = [[], [0, 1, 2], [0, 1, 2, 3, 4, 5]] if context == "all" else [[], [0, 1, 2], [0, 4, 5]]
+    ctx = [[], [0, 1, 2], [0, 4, 5]] if context == "sink" else [[], [0, 1, 2], [0, 1, 2, 3, 4, 5]]
+    index = [0, 0, 0] + list(range(3, frames)) if context == "anchors" else list(range(frames))
     rope = RopeTable(cfg.head_dim)
     flex = block_mask = None
     if kernel == "flex":
@@ -113,24 +115,32 @@ def test_training_forward_equals_cached_chunk_forward(context, kernel):
         flex = flex_attention
         block_mask = train.FlexMasks(frames, 4, "cpu").get(context, train.frame_mask(ctx))
     with torch.no_grad():
-        v_train = train.train_forward(model, clean, noisy, timesteps, prompts, ctx, rope, flex, block_mask)
+        v_train = train.train_forward(model, clean, noisy, timesteps, prompts, ctx, rope, flex, block_mask,
+                                      (index, list(range(frames))))
 
         mem = Memory(gf.self_forcing(), 3, cfg.num_layers)
         grid = (size // 2, size // 2)
         zero = torch.zeros(1)
+
+        def source_of(keys):
+            slots = {f.index: f.slot for _, f in mem.frames()}
+            return ContextSource(mem.store, [slots[f] for f in keys],
+                                 rope.frequencies([index[f] for f in keys], *grid, "float32"))
+
         for c in (0, 1):
             text = encode_text(model, prompts[:, c])
-            plan = mem.plan(3 * c, 3)
-            source = mem.source(plan, rope, "float32", grid) if plan.keys else None
-            _, kv = capture_kv(model, clean[:, :, 3 * c:3 * c + 3], zero, text, source, plan.query_index, rope,
+            source = source_of(ctx[c]) if ctx[c] else None
+            _, kv = capture_kv(model, clean[:, :, 3 * c:3 * c + 3], zero, text, source, index[3 * c:3 * c + 3], rope,
                                "float32", compute_output=False)
             commit(mem, 3 * c, clean[:, :, 3 * c:3 * c + 3], kv, c)
-        slots = {f.index: f.slot for _, f in mem.frames()}
-        keys = ctx[2]
-        source = ContextSource(mem.store, [slots[f] for f in keys], rope.frequencies(keys, *grid, "float32"))
+        source = source_of(ctx[2])
         v_chunk = forward_chunk(model, noisy[:, :, 6:9], timesteps[:, 2], encode_text(model, prompts[:, 2]),
                                    source, [6, 7, 8], rope, "float32")
     assert (v_train[:, :, 6:9] - v_chunk).abs().max() < 1e-5
+    if context == "anchors":  # the indices matter: at frame indices the answer differs
+        with torch.no_grad():
+            v_frames = train.train_forward(model, clean, noisy, timesteps, prompts, ctx, rope)
+        assert (v_frames[:, :, 6:9] - v_chunk).abs().max() > 1e-3
     if context == "sink":  # the mask matters: with every frame the answer differs
         with torch.no_grad():
             v_all = train.train_forward(model, clean, noisy, timesteps, prompts, [[], [0, 1, 2], list(range(6))], rope)
@@ -148,6 +158,44 @@ def test_chunk_weights_need_what_the_chunk_shows_to_be_known():
     assert w.tolist() == [[0.0, 1.0, 0.0]]  # chunk 0: nobody names it; chunk 2 sees only empty frames
     named[0, 0, 0] = True
     assert train.chunk_weights([[], [0, 1, 2], [0, 4, 5]], visible, named, first).tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_training_layouts_are_those_the_memories_sample_with():
+    """Every drawn layout: a context per chunk of earlier frames only, indices inside the trained
+    range; the anchor layouts hold the first chunk in every later context, at index 0 or 0-2, and a
+    chunk right after a gap does not train."""
+    train = _train_module()
+    rng = random.Random(0)
+    kinds, gaps, shared = set(), set(), set()
+    for _ in range(400):
+        layout = train.draw_context(rng, 7, train.MAX_GAP)
+        kinds.add(layout.kind.split("+")[0].rstrip("13"))
+        assert len(layout.context) == 7
+        assert all(all(f < 3 * c for f in ctx) for c, ctx in enumerate(layout.context))
+        if layout.kind.startswith("anchors"):
+            assert all({0, 1, 2} <= set(ctx) for ctx in layout.context[1:])
+            assert layout.noisy_index == list(range(21)) and max(layout.clean_index) == 20
+            assert layout.clean_index[:3] in ([0, 0, 0], [0, 1, 2])
+            shared.add(layout.clean_index[1] == 0)
+            assert layout.gap % 3 == 0 and layout.gap <= train.MAX_GAP
+            assert layout.untrained == ((1,) if layout.gap else ())
+            gaps.add(layout.gap > 0)
+        else:
+            assert layout.gap == 0 and layout.clean_index is None
+    assert kinds == {"all", "sink", "anchors"} and gaps == {True, False} and shared == {True, False}
+
+
+def test_training_starts_from_a_shipped_model():
+    """--init takes the shipped model (umT5-wide words) back to the width it trains at, exactly."""
+    train = _train_module()
+    cfg = train.model_config()
+    narrow = gf.WanModel(cfg)
+    narrow.load_state_dict(train.narrow_text(str(tw.TOY_DIR), cfg))
+    text = "a big red circle bounces on the grass"
+    wide = tw.load_model()
+    a = wide.text_embedding(tw.load_words().embed(text))
+    b = narrow.text_embedding(tw.Words(tw.word_table(cfg.text_dim)).embed(text))
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
 
 
 def test_training_script_runs_and_its_weights_load(tmp_path):
@@ -181,13 +229,13 @@ def test_random_scripts_play():
 def test_shipped_model_keeps_its_subject_through_a_cut():
     """The shipped toy model through the public API under the default memory: the subject the prompt
     names, the scene of each shot, and the subject still there after the cut (the GCM keeps it).
-    Thresholds sit below what this run measures (identity 7/12 frames, cut 1/3, scene all)."""
+    The thresholds sit below what this run measures."""
     story = tw.play([("a big red circle bounces on the grass", 6), ("cut to the snow where it bounces", 6)])
     out = gf.generate(tw.load_model(), story.segments(), "grounded", height=256, width=256, seed=0)
     assert [e["switch"]["kind"] for e in out.events if e["switch"]] == ["cut"]
     m = tw.measure(story, out.latents)
-    assert m["identity_first"] >= 1 / 3 and m["scene"] >= 0.9
-    assert m["cut_identity"] > 0 and m["collapse"][0] <= 0.1
+    assert m["identity_first"] >= 0.5 and m["scene"] >= 0.9
+    assert m["cut_identity"] >= 1 / 3 and m["collapse"][0] <= 0.1
 
 
 def test_demo_plays_the_script(tmp_path, capsys):
