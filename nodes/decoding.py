@@ -89,7 +89,7 @@ def read_schedule(vae: nn.Module, like: torch.Tensor) -> DecodeSchedule:
     schedule = None
     if len(sizes) > 1 and len(slots) == 1 and None not in slots:
         schedule = DecodeSchedule(first=sizes[0], group=sizes[1], cache_slots=slots.pop(),
-                                  channels=pixels.shape[1], scale=pixels.shape[-1])
+                                  channels=pixels.shape[1], scale=pixels.shape[-1] // PROBE_SIZE)
     if schedule is None or schedule.groups(PROBE_FRAMES) != sizes:
         raise RuntimeError(
             f"this ComfyUI's Wan VAE decodes {PROBE_FRAMES} latent frames in decoder calls of {sizes} frames, a "
