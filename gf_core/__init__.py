@@ -28,6 +28,7 @@ from .stream import (
     generate,
     pixel_frames,
     stream,
+    warm_up,
     write_events,
 )
 from .wan import WanConfig, WanModel, random_state_dict
@@ -57,5 +58,6 @@ __all__ = [
     "random_state_dict",
     "self_forcing",
     "stream",
+    "warm_up",
     "write_events",
 ]

@@ -40,7 +40,7 @@ from .config import (
     validate_memory,
 )
 from .errors import BadInput
-from .kernels import choose
+from .kernels import choose, compiled
 from .memory import Admission, ContextSource, Memory
 from .policies import MemoryPolicy, preset
 from .recache import SwitchEvent, Transition, apply_switch
@@ -393,6 +393,37 @@ def generate(model: nn.Module, segments: list[Segment], memory: str | MemoryPoli
         chunks.append(chunk.latents)
         events.append(chunk.event)
     return GenerationResult(torch.cat(chunks, dim=2), events)
+
+
+_WARMED: set[tuple] = set()  # the run shapes this process has warmed up
+
+
+def warm_up(model: nn.Module, memory: str | MemoryPolicy, config: RunConfig, prompt: torch.Tensor) -> int:
+    """Make, and throw away, a short run of ``model`` under ``memory`` and ``config`` that meets the
+    shapes an interactive run meets: a switch (the policy's default) at every fill level of the
+    memory, a cut and a switch right after it, then the chunks that refill the memory, under
+    ``prompt``. With compiled (fused) blocks this compiles the graphs a later switch or cut needs, so
+    a prompt typed during a live take does not wait for a compile; with eager kernels, or when this
+    process has warmed the same shapes before, it does nothing. Returns the chunks made."""
+    session = Session(model, memory, config, noise_order="chunk")
+    key = (repr(session.model_cfg), repr(session.policy), session.config.latent_hw, session.config.batch_size,
+           session.dtype, session.device)
+    try:
+        if not compiled(session.kernels) or key in _WARMED:
+            return 0
+        chunk = session.config.chunk_frames
+        levels = -(-sum(r.frames for r in session.policy.regions) // chunk) + 1
+        plan = ["default"] * levels + ["cut"] + ["default"] * levels + [None] * levels
+        segment = Segment(prompt, chunk)
+        session.step(segment)
+        for kind in plan:
+            if kind is not None:
+                segment = Segment(prompt, chunk, Transition(kind))
+            session.step(segment)
+        _WARMED.add(key)
+        return len(plan) + 1
+    finally:
+        session.close()
 
 
 def write_events(events: list[dict], target: str | IO[str]) -> None:

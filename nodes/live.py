@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..gf_core import Segment, Transition, pixel_frames
+from ..gf_core import Segment, Transition, pixel_frames, warm_up
 from ..gf_core.errors import BadInput
 from ..gf_core.latents import to_raw
 from .prompts import FPS, LATENT_FRAMES_PER_SECOND, PIXEL_FRAMES_PER_LATENT
@@ -479,6 +479,8 @@ class LiveRun:
         self._send("gf_live.start", live.snapshot())
         text, kind, command = first_text, None, None
         segment = Segment(self.encode(first_text), self.chunk_frames)
+        # compiled blocks: compile the switch and cut graphs now, not when the first typed prompt arrives
+        warm_up(engine.model, engine.policy, engine.config, segment.prompt)
         state = live.state
         while True:
             began = time.monotonic()

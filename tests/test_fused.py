@@ -9,6 +9,7 @@ import torch
 from helpers import CFG, RUN, fail_compiling, prompt
 
 import gf_core as gf
+from gf_core.kernels import compiled
 from gf_core.rope import RopeTable, apply_rope, real_freqs, rotate_real
 
 
@@ -185,3 +186,28 @@ def test_a_failing_tuned_compile_falls_back_to_the_default_one(model, monkeypatc
     plain = gf.generate(model, segs, "grounded", seed=5, **RUN)
     assert compiled_with == [{"fullgraph": True}]
     torch.testing.assert_close(fused.latents, plain.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_after_warm_up_a_live_take_compiles_nothing(model, compiler):
+    """gf.warm_up before a take: switches of every page choice and cuts, at random chunks, then need no
+    new compiled graph (a typed prompt never waits for a compile); a second warm-up does nothing."""
+    import random
+
+    import torch._dynamo.utils
+
+    config = gf.RunConfig(kernels="fused", seed=0, noise_order="chunk", **RUN)
+    assert gf.warm_up(model, "grounded", config, prompt(0)) > 0
+    assert gf.warm_up(model, "grounded", config, prompt(0)) == 0
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    session = gf.Session(model, "grounded", config)
+    rng = random.Random(1)
+    segment = gf.Segment(prompt(1), 3)
+    kinds = []
+    for i in range(24):
+        if i and rng.random() < 0.4:
+            kinds.append(rng.choice(["apr", "hard", "none", "cut", "default"]))
+            segment = gf.Segment(prompt(i % 3), 3, gf.Transition(kinds[-1]))
+        session.step(segment)
+    assert {"apr", "hard", "none", "cut"} <= set(kinds)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert compiled(session.kernels)
