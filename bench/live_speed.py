@@ -116,8 +116,17 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
             session.submit(live.parse_command({"session": session.id, "type": "prompt", "text": texts[k + 1]})[1])
 
     thread = threading.Thread(target=page, daemon=True)
+    compiles: dict[int, int] = {}  # chunk -> graphs compiled while it was made
+
+    def on_chunk(index: int) -> None:
+        clock[index] = time.perf_counter()
+        graphs = compiled_graphs()
+        compiles[index] = graphs - compiles.get("total", graphs)
+        compiles["total"] = graphs
+
+    compiles["total"] = compiled_graphs()
     run = live.LiveRun(engine, session, lambda text: embeddings[texts.index(text)], frames, 3, decoder=decoder,
-                       sink=sink, on_chunk=lambda index: clock.__setitem__(index, time.perf_counter()))
+                       sink=sink, on_chunk=on_chunk)
     thread.start()
     began = time.perf_counter()
     reason = run.run(texts[0])
@@ -129,7 +138,15 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     engine.close()
     if error is not None:
         raise error
+    run.compiles = {i: n for i, n in compiles.items() if i != "total" and n}
     return run, clock, began, ended, sink_done - ended, sent_bytes[0]
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    import torch._dynamo.utils
+
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def summarise(run, clock: dict[int, float], began: float, ended: float, sink_lag: float, sent_bytes: int,
@@ -159,6 +176,7 @@ def summarise(run, clock: dict[int, float], began: float, ended: float, sink_lag
         "median_decode_s": round(chunk_decode_s, 4), "switch_chunks": sorted(switches),
         "switch_chunk_s": [round(busy[i], 4) for i in sorted(switches)],
         "chunk_diffusion_s": [round(m, 4) for m in made], "chunk_decode_s": [round(d, 4) for d in decode_s],
+        "graphs_compiled_at_chunk": {str(i): n for i, n in sorted(run.compiles.items())},
         "prompt_latency_s": latencies, "latency_bound_s": round(bound, 4),
         "latency_within_bound": bool(latencies) and max(latencies) <= bound,
         "page_bytes": sent_bytes, "page_lag_s": round(sink_lag, 3), "script": run.take.script(),
