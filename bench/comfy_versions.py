@@ -271,7 +271,7 @@ def run_one(args) -> dict:
     """Inside a tree's own process: boot it, measure, return its part of the result."""
     dynamic = boot(args.one, args.cpu)
     rows = measure(args.weights, args.frames, args.width, args.height, args.warmup_frames, args.fused)
-    return {"comfyui": args.one, "version": tree_version(args.one), "dynamic_vram": dynamic, "rows": rows}
+    return {"comfyui": Path(args.one).name, "version": tree_version(args.one), "dynamic_vram": dynamic, "rows": rows}
 
 
 def main() -> None:
@@ -311,7 +311,8 @@ def main() -> None:
             print(f"== {tree}", flush=True)
             done = subprocess.run(command + (["--cpu"] if cpu else []), cwd=tree)
             if done.returncode != 0:
-                trees.append({"comfyui": tree, "version": tree_version(tree), "error": f"exit {done.returncode}"})
+                trees.append({"comfyui": Path(tree).name, "version": tree_version(tree),
+                              "error": f"exit {done.returncode}"})
                 continue
             trees.append(json.loads(Path(part).read_text()))
     result = run_header(size=args.size, trees=trees)

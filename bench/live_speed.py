@@ -81,7 +81,8 @@ def build(args, gf):
 
 def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames: int, prompt_times: list[float]):
     """One unpaced live take of ``frames`` latent frames; a thread sends a prompt at each fraction of
-    ``prompt_times`` (of the expected run, in chunks). Returns the run and its per-chunk clock."""
+    ``prompt_times`` (of the expected run, in chunks). Returns the run, its per-chunk clock, the graphs
+    compiled at each chunk, its start and end, the page's lag and the bytes sent."""
     height, width = size
     rows = 16 if args.tiny else 512
     embeddings = fake_prompts(len(prompt_times) + 1, rows, cfg.text_dim)
@@ -116,15 +117,15 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
             session.submit(live.parse_command({"session": session.id, "type": "prompt", "text": texts[k + 1]})[1])
 
     thread = threading.Thread(target=page, daemon=True)
-    compiles: dict[int, int] = {}  # chunk -> graphs compiled while it was made
+    compiles: dict[int, int] = {}  # chunk -> graphs compiled while it was made (where any were)
+    graphs = [compiled_graphs()]
 
     def on_chunk(index: int) -> None:
         clock[index] = time.perf_counter()
-        graphs = compiled_graphs()
-        compiles[index] = graphs - compiles.get("total", graphs)
-        compiles["total"] = graphs
+        graphs.append(compiled_graphs())
+        if graphs[-1] > graphs[-2]:
+            compiles[index] = graphs[-1] - graphs[-2]
 
-    compiles["total"] = compiled_graphs()
     run = live.LiveRun(engine, session, lambda text: embeddings[texts.index(text)], frames, 3, decoder=decoder,
                        sink=sink, on_chunk=on_chunk)
     thread.start()
@@ -138,8 +139,7 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     engine.close()
     if error is not None:
         raise error
-    run.compiles = {i: n for i, n in compiles.items() if i != "total" and n}
-    return run, clock, began, ended, sink_done - ended, sent_bytes[0]
+    return run, clock, compiles, began, ended, sink_done - ended, sent_bytes[0]
 
 
 def compiled_graphs() -> int:
@@ -149,8 +149,8 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def summarise(run, clock: dict[int, float], began: float, ended: float, sink_lag: float, sent_bytes: int,
-              decode: bool) -> dict:
+def summarise(run, clock: dict[int, float], compiles: dict[int, int], began: float, ended: float, sink_lag: float,
+              sent_bytes: int, decode: bool) -> dict:
     events = run.events
     made = [e["live"]["made_s"] for e in events]
     busy = [e["live"]["busy_s"] for e in events]
@@ -176,7 +176,7 @@ def summarise(run, clock: dict[int, float], began: float, ended: float, sink_lag
         "median_decode_s": round(chunk_decode_s, 4), "switch_chunks": sorted(switches),
         "switch_chunk_s": [round(busy[i], 4) for i in sorted(switches)],
         "chunk_diffusion_s": [round(m, 4) for m in made], "chunk_decode_s": [round(d, 4) for d in decode_s],
-        "graphs_compiled_at_chunk": {str(i): n for i, n in sorted(run.compiles.items())},
+        "graphs_compiled_at_chunk": {str(i): n for i, n in sorted(compiles.items())},
         "prompt_latency_s": latencies, "latency_bound_s": round(bound, 4),
         "latency_within_bound": bool(latencies) and max(latencies) <= bound,
         "page_bytes": sent_bytes, "page_lag_s": round(sink_lag, 3), "script": run.take.script(),
@@ -201,11 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    run, clock, began, ended, lag, sent = take(gf, live, model, cfg, size, dtype, device, vae, decoding, args,
+    run, clock, compiles, began, ended, lag, sent = take(gf, live, model, cfg, size, dtype, device, vae, decoding, args,
                                                args.frames, times)
     result = run_header(bench="live_speed", size=f"{size[1]}x{size[0]}", memory="grounded", kernels=args.kernels,
                         tiny=args.tiny, playback_fps=PLAYBACK_FPS,
-                        **summarise(run, clock, began, ended, lag, sent, vae is not None))
+                        **summarise(run, clock, compiles, began, ended, lag, sent, vae is not None))
     if device == "cuda":
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out = args.out

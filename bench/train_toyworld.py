@@ -14,7 +14,8 @@ context encoded at the cache-pass timestep (tests/test_toyworld.py checks this t
 The context a chunk may see, and at which indices, is drawn per step as the memories lay it out
 (:func:`draw_context`): every earlier frame, a sink plus the newest frames, or three anchors (at
 one index, as Dual-Reference RoPE's global memory, or at 0-2) plus the newest frames, the anchors
-possibly held from earlier in the story. ``--init`` goes on from a trained (or shipped) model. A chunk's loss counts only where its picture is determined: every subject it shows is
+possibly held from earlier in the story. ``--init`` goes on from a trained (or shipped) model.
+A chunk's loss counts only where its picture is determined: every subject it shows is
 named by its prompt or visible in a frame it attends to, and a window that starts mid-story
 does not train its first chunk. Pixels at and around a subject weigh ``1 + --subject-weight``
 in the loss, the background 1: the subjects are a small part of each frame, and what they are
@@ -155,7 +156,7 @@ def train_forward(
     rope: RopeTable,
     flex=None,
     block_mask=None,
-    index: tuple[list[int], list[int]] | None = None,
+    clean_index: list[int] | None = None,
 ) -> torch.Tensor:
     """Velocity of every noisy chunk, each attending to its context's clean frames and itself.
 
@@ -166,7 +167,8 @@ def train_forward(
         context: per chunk, the earlier frames it attends to (:func:`frame_mask`).
         flex, block_mask: run self-attention through this FlexAttention function and the block mask
             of the context (:func:`flex_block_mask`) instead of SDPA with a token mask.
-        index: temporal RoPE indices (clean frames, noisy frames); default: the frame index for both.
+        clean_index: temporal RoPE indices of the clean frames (default: the frame index, as the noisy
+            frames always have).
 
     Returns: the velocity [B, 16, F, H, W] of the noisy frames.
     """
@@ -179,8 +181,8 @@ def train_forward(
     t = torch.cat([torch.zeros(b, frames, device=clean.device), timesteps.repeat_interleave(CHUNK, dim=1)], dim=1)
     e = model.time_embedding(sinusoid(cfg.freq_dim, t.reshape(-1)).type_as(h))  # [B * 2F, dim]
     e0 = model.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (b, 2 * frames))
-    clean_index, noisy_index = index or (list(range(frames)), list(range(frames)))
-    freqs = rope.frequencies(clean_index + noisy_index, grid[1], grid[2], "float32", clean.device)
+    index = list(range(frames))
+    freqs = rope.frequencies((clean_index or index) + index, grid[1], grid[2], "float32", clean.device)
     text = encode_text(model, prompts.flatten(0, 1), cfg.text_len)
     attention = BlockCausalAttention(frame_mask(context, clean.device), chunks, tokens, cfg.text_len, flex, block_mask)
     for i, block in enumerate(model.blocks):
@@ -273,14 +275,14 @@ class Pool:
 class Layout(NamedTuple):
     """What one training step's windows look like: which earlier frames each chunk attends to
     (``context``, keyed by ``kind`` for the attention mask), the story frames left out after the
-    first chunk (``gap``), the temporal RoPE indices of the clean and the noisy frames, and the
-    chunks that train (a chunk right after a gap does not: where the subject went is not shown)."""
+    first chunk (``gap``), the temporal RoPE indices of the clean frames (None: frame indices, as the
+    noisy frames always have), and the chunks that train (a chunk right after a gap does not: where
+    the subject went is not shown)."""
 
     kind: str
     context: list[list[int]]
     gap: int = 0
     clean_index: list[int] | None = None
-    noisy_index: list[int] | None = None
     untrained: tuple[int, ...] = ()
 
 
@@ -315,8 +317,7 @@ def draw_context(rng: random.Random, chunks: int, max_gap: int = 0) -> Layout:
     gap = CHUNK * rng.randint(1, max_gap // CHUNK) if max_gap >= CHUNK and rng.random() < 0.5 else 0
     shared = rng.random() < 0.6
     clean = [0] * CHUNK + list(range(CHUNK, frames)) if shared else list(range(frames))
-    return Layout(f"anchors+{recent}", sink_context(chunks, CHUNK, recent), gap, clean, list(range(frames)),
-                  (1,) if gap else ())
+    return Layout(f"anchors+{recent}", sink_context(chunks, CHUNK, recent), gap, clean, (1,) if gap else ())
 
 
 def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.Tensor,
@@ -338,25 +339,6 @@ def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.
 # Training
 
 
-def narrow_text(folder: str, cfg: WanConfig) -> dict[str, torch.Tensor]:
-    """The float32 weights of the toy model in ``folder`` with word vectors ``cfg.text_dim`` wide: a
-    shipped model (umT5's width, :func:`gf_core.toyworld.widen_text`) taken back to the width it was
-    trained at, W = W' Q with the same orthonormal Q (so training goes on where it stopped)."""
-    from gf_core.checkpoints import load_wan_state_dict
-
-    sd = {k: v.float() for k, v in load_wan_state_dict(os.path.join(folder, tw.MODEL_FILE)).items()}
-    weight = sd["text_embedding.0.weight"]
-    wide = weight.shape[1]
-    if wide != cfg.text_dim:
-        g = torch.Generator().manual_seed(tw.WORD_SEED)
-        q, _ = torch.linalg.qr(torch.randn(wide, cfg.text_dim, generator=g, dtype=torch.float64))
-        sd["text_embedding.0.weight"] = (weight.double() @ q).float()
-    missing = set(gf.random_state_dict(cfg, seed=0)) ^ set(sd)
-    if missing:
-        raise SystemExit(f"{folder} does not hold a toy model of this configuration (keys differ: {sorted(missing)[:3]})")
-    return sd
-
-
 def train(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -364,8 +346,11 @@ def train(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(args.seed)  # which windows
     noise = torch.Generator(device=device).manual_seed(args.seed)  # noise levels and noise
     cfg = model_config(args.layers, args.ffn)
-    if args.init:
-        sd = narrow_text(args.init, cfg)
+    if args.init:  # a trained or shipped toy model, at the word width it trains at (a strict load checks it)
+        from gf_core.checkpoints import load_wan_state_dict
+
+        sd = tw.narrow_text({k: v.float() for k, v in load_wan_state_dict(os.path.join(args.init, tw.MODEL_FILE)).items()},
+                            cfg.text_dim)
     else:
         sd = gf.random_state_dict(cfg, seed=args.seed)
         sd["head.head.weight"].zero_()
@@ -427,8 +412,7 @@ def train(args: argparse.Namespace) -> dict:
             block_mask = flex_masks.get(kind, frame_mask(context, device)) if flex is not None else None
             with autocast:
                 v = train_forward(model, clean, noisy, timesteps[level], table[prompt_ids], context, rope,
-                                  flex, block_mask,
-                                  None if layout.clean_index is None else (layout.clean_index, layout.noisy_index))
+                                  flex, block_mask, layout.clean_index)
             err = (v.float() - (eps - x0)).pow(2).mean(dim=1) * pixel_weight  # [B, F, h, w]
             err = err.unflatten(1, (chunks, CHUNK)).sum(dim=(2, 3, 4))
             err = err / pixel_weight.unflatten(1, (chunks, CHUNK)).sum(dim=(2, 3, 4))  # [B, C]

@@ -191,11 +191,28 @@ def widen_text(sd: dict[str, torch.Tensor], words: Words, text_dim: int = SHIPPE
     d = weight.shape[1]
     if d == text_dim:
         return sd, words
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(text_dim, d, generator=g, dtype=torch.float64))
+    q = text_basis(text_dim, d, seed)
     out = dict(sd)
     out["text_embedding.0.weight"] = (weight.double() @ q.T).to(weight.dtype)
     return out, Words((words.table.double() @ q.T).float(), words.vocabulary)
+
+
+def narrow_text(sd: dict[str, torch.Tensor], text_dim: int = TEXT_DIM, seed: int = WORD_SEED) -> dict[str, torch.Tensor]:
+    """:func:`widen_text` undone on the model: the text embedding's first weight W' [dim, wide]
+    back to W = W' Q [dim, ``text_dim``] (Q^T Q = I), exact up to rounding."""
+    weight = sd["text_embedding.0.weight"]
+    if weight.shape[1] == text_dim:
+        return sd
+    out = dict(sd)
+    out["text_embedding.0.weight"] = (weight.double() @ text_basis(weight.shape[1], text_dim, seed)).to(weight.dtype)
+    return out
+
+
+def text_basis(wide: int, narrow: int, seed: int = WORD_SEED) -> torch.Tensor:
+    """Q [wide, narrow] of orthonormal columns (float64), fixed by ``seed``: the map between the
+    toy model's word vectors and umT5's width."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(wide, narrow, generator=g, dtype=torch.float64))[0]
 
 
 def embed(text: str, words: Words | None = None) -> torch.Tensor:
