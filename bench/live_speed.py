@@ -17,6 +17,7 @@ tiny model on the CPU (decode only with ``--comfyui``).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import random
@@ -120,6 +121,15 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     compiles: dict[int, int] = {}  # chunk -> graphs compiled while it was made (where any were)
     graphs = [compiled_graphs()]
 
+    collector: dict[int, float] = {}  # chunk -> seconds Python's garbage collector ran while it was made
+    collecting = [0.0]
+
+    def on_collect(phase: str, info: dict) -> None:
+        if phase == "start":
+            collecting[0] = time.perf_counter()
+        else:
+            collector[len(clock)] = collector.get(len(clock), 0.0) + time.perf_counter() - collecting[0]
+
     def on_chunk(index: int) -> None:
         clock[index] = time.perf_counter()
         graphs.append(compiled_graphs())
@@ -129,9 +139,13 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     run = live.LiveRun(engine, session, lambda text: embeddings[texts.index(text)], frames, 3, decoder=decoder,
                        sink=sink, on_chunk=on_chunk)
     thread.start()
+    gc.callbacks.append(on_collect)
     began = time.perf_counter()
-    reason = run.run(texts[0])
-    run.finish(reason, run.take.script())
+    try:
+        reason = run.run(texts[0])
+        run.finish(reason, run.take.script())
+    finally:
+        gc.callbacks.remove(on_collect)
     ended = time.perf_counter()
     error = sink.close()
     sink_done = time.perf_counter()
@@ -139,7 +153,7 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     engine.close()
     if error is not None:
         raise error
-    return run, clock, compiles, began, ended, sink_done - ended, sent_bytes[0]
+    return run, clock, compiles, collector, began, ended, sink_done - ended, sent_bytes[0]
 
 
 def compiled_graphs() -> int:
@@ -149,8 +163,8 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def summarise(run, clock: dict[int, float], compiles: dict[int, int], began: float, ended: float, sink_lag: float,
-              sent_bytes: int, decode: bool) -> dict:
+def summarise(run, clock: dict[int, float], compiles: dict[int, int], collector: dict[int, float], began: float,
+              ended: float, sink_lag: float, sent_bytes: int, decode: bool) -> dict:
     events = run.events
     made = [e["live"]["made_s"] for e in events]
     busy = [e["live"]["busy_s"] for e in events]
@@ -177,6 +191,7 @@ def summarise(run, clock: dict[int, float], compiles: dict[int, int], began: flo
         "switch_chunk_s": [round(busy[i], 4) for i in sorted(switches)],
         "chunk_diffusion_s": [round(m, 4) for m in made], "chunk_decode_s": [round(d, 4) for d in decode_s],
         "graphs_compiled_at_chunk": {str(i): n for i, n in sorted(compiles.items())},
+        "garbage_collector_s_at_chunk": {str(i): round(t, 4) for i, t in sorted(collector.items()) if t >= 0.001},
         "prompt_latency_s": latencies, "latency_bound_s": round(bound, 4),
         "latency_within_bound": bool(latencies) and max(latencies) <= bound,
         "page_bytes": sent_bytes, "page_lag_s": round(sink_lag, 3), "script": run.take.script(),
@@ -201,11 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    run, clock, compiles, began, ended, lag, sent = take(gf, live, model, cfg, size, dtype, device, vae, decoding, args,
-                                               args.frames, times)
+    run, clock, compiles, collector, began, ended, lag, sent = take(gf, live, model, cfg, size, dtype, device, vae,
+                                                                    decoding, args, args.frames, times)
     result = run_header(bench="live_speed", size=f"{size[1]}x{size[0]}", memory="grounded", kernels=args.kernels,
                         tiny=args.tiny, playback_fps=PLAYBACK_FPS,
-                        **summarise(run, clock, compiles, began, ended, lag, sent, vae is not None))
+                        **summarise(run, clock, compiles, collector, began, ended, lag, sent, vae is not None))
     if device == "cuda":
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out = args.out
