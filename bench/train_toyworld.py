@@ -15,6 +15,9 @@ The context a chunk may see, and at which indices, is drawn per step as the memo
 (:func:`draw_context`): every earlier frame, a sink plus the newest frames, or three anchors (at
 one index, as Dual-Reference RoPE's global memory, or at 0-2) plus the newest frames, the anchors
 possibly held from earlier in the story. ``--init`` goes on from a trained (or shipped) model.
+``--frames 3 --story-starts 1`` trains the first chunk of a story alone: the picture drawn from the
+prompt with nothing before it, which a sampled video copies from then on (``--prompt-weight``
+weighs such chunks inside longer windows).
 A chunk's loss counts only where its picture is determined: every subject it shows is
 named by its prompt or visible in a frame it attends to, and a window that starts mid-story
 does not train its first chunk. Pixels at and around a subject weigh ``1 + --subject-weight``
@@ -246,15 +249,16 @@ class Pool:
         self.device = device
         self._backgrounds: dict[int, torch.Tensor] = {}
 
-    def batch(self, size: int, latent_size: int, g: torch.Generator, gap: int = 0):
+    def batch(self, size: int, latent_size: int, g: torch.Generator, gap: int = 0, story_starts: float = 0.5):
         """(latents [B, 16, F, h, w], subject pixels [B, F, h, w] (bool, grown by 2 pixels), prompt ids
         per chunk [B, C], visible [B, F, S], named per chunk [B, C, S], first chunk trainable [B]) for
-        ``size`` random windows. With ``gap`` (a multiple of CHUNK), a window is its first chunk, then
-        ``gap`` story frames left out, then the rest: anchors held from earlier in the story."""
+        ``size`` random windows, a share ``story_starts`` of them at the start of their story. With ``gap``
+        (a multiple of CHUNK), a window is its first chunk, then ``gap`` story frames left out, then the
+        rest: anchors held from earlier in the story."""
         n = self.tables.shape[0]
         story = torch.randint(n, (size,), generator=g, device="cpu")
         starts = torch.randint((self.length - self.frames - gap) // CHUNK + 1, (size,), generator=g, device="cpu") * CHUNK
-        starts = torch.where(torch.rand(size, generator=g) < 0.5, torch.zeros_like(starts), starts)
+        starts = torch.where(torch.rand(size, generator=g) < story_starts, torch.zeros_like(starts), starts)
         offset = torch.arange(self.frames) + gap * (torch.arange(self.frames) >= CHUNK)
         frame = (starts.view(-1, 1) + offset).to(self.device)
         story = story.to(self.device).view(-1, 1).expand_as(frame)
@@ -321,8 +325,10 @@ def draw_context(rng: random.Random, chunks: int, max_gap: int = 0) -> Layout:
 
 
 def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.Tensor,
-                  first_ok: torch.Tensor) -> torch.Tensor:
-    """[B, C] 1 where a chunk's picture is determined by its prompt and the frames it attends to."""
+                  first_ok: torch.Tensor, prompt_weight: float = 1.0) -> torch.Tensor:
+    """[B, C] loss weight per chunk: 0 where its picture is not determined by its prompt and the
+    frames it attends to, ``prompt_weight`` where it shows a subject that only its prompt tells
+    (named there and seen in no frame it attends to: the first chunk of a story, an entry), else 1."""
     shown = visible >= 0.4  # [B, F, S]
     weights = []
     for c, ctx in enumerate(context):
@@ -331,7 +337,8 @@ def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.
         ok = (~own | seen | named[:, c]).all(dim=1)
         if c == 0:
             ok = ok & first_ok
-        weights.append(ok.float())
+        from_prompt = (own & ~seen & named[:, c]).any(dim=1)
+        weights.append(ok.float() * torch.where(from_prompt, prompt_weight, 1.0))
     return torch.stack(weights, dim=1)
 
 
@@ -396,11 +403,12 @@ def train(args: argparse.Namespace) -> dict:
             group["lr"] = lr
         layout = draw_context(rng, chunks, MAX_GAP)
         kind, context = layout.kind, layout.context
-        x0, subject, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g, layout.gap)
+        x0, subject, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g, layout.gap, args.story_starts)
         pixel_weight = 1.0 + args.subject_weight * subject.float()  # [B, F, h, w]
-        weights = chunk_weights(context, visible, named, first_ok)  # [B, C]
+        weights = chunk_weights(context, visible, named, first_ok, args.prompt_weight)  # [B, C]
         for c in layout.untrained:
-            weights[:, c] = 0
+            if c < chunks:
+                weights[:, c] = 0
         batch = x0.shape[0]
         level = torch.randint(len(schedule), (batch, chunks), generator=noise, device=device)
         sigma = sigmas[level].repeat_interleave(CHUNK, dim=1).view(batch, 1, args.frames, 1, 1)
@@ -568,6 +576,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context-noise", type=float, default=0.03, help="std of noise added to the clean context")
     ap.add_argument("--subject-weight", type=float, default=9.0,
                     help="extra loss weight of the pixels at and around a subject (1 + this; background 1)")
+    ap.add_argument("--prompt-weight", type=float, default=1.0,
+                    help="loss weight of a chunk that shows a subject only its prompt names (the first chunk "
+                         "of a story, an entry), against 1 for the others")
+    ap.add_argument("--story-starts", type=float, default=0.5,
+                    help="share of the training windows that begin where a story begins")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--attention", choices=("auto", "sdpa", "flex"), default="auto",
                     help="self-attention kernel: flex (compiled FlexAttention, skips masked blocks), sdpa; "

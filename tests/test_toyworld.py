@@ -157,6 +157,10 @@ def test_chunk_weights_need_what_the_chunk_shows_to_be_known():
     assert w.tolist() == [[0.0, 1.0, 0.0]]  # chunk 0: nobody names it; chunk 2 sees only empty frames
     named[0, 0, 0] = True
     assert train.chunk_weights([[], [0, 1, 2], [0, 4, 5]], visible, named, first).tolist() == [[1.0, 1.0, 1.0]]
+    # a chunk whose subject only its prompt tells (chunk 0) weighs prompt_weight; one that sees it, 1
+    named[0, 2, 0] = True
+    assert train.chunk_weights([[], [0, 1, 2], [0, 4, 5]], visible, named, first, 4.0).tolist() == [[4.0, 1.0, 1.0]]
+    assert train.chunk_weights([[], [0, 1, 2], [3, 4, 5]], visible, named, first, 4.0).tolist() == [[4.0, 1.0, 4.0]]
 
 
 def test_training_layouts_are_those_the_memories_sample_with():
@@ -198,10 +202,19 @@ def test_training_starts_from_a_shipped_model():
     assert (a - b).abs().max() < 1e-4 * a.abs().max()
 
 
+def test_first_chunk_training_runs(tmp_path):
+    """The first stage of the recipe: one-chunk windows at story starts, every layout drawn."""
+    train = _train_module()
+    result = train.main(["--device", "cpu", "--steps", "12", "--batch", "2", "--size", "8", "--frames", "3",
+                         "--layers", "1", "--ffn", "256", "--stories", "4", "--story-starts", "1", "--out", str(tmp_path),
+                         "--no-eval", "--log-every", "1"])
+    assert result is None and (tmp_path / "train.json").is_file()
+
+
 def test_training_script_runs_and_its_weights_load(tmp_path):
     train = _train_module()
     train.main(["--device", "cpu", "--steps", "2", "--batch", "2", "--size", "8", "--frames", "6", "--layers", "1",
-                "--ffn", "256", "--stories", "4", "--out", str(tmp_path), "--no-eval"])
+                "--ffn", "256", "--stories", "4", "--prompt-weight", "4", "--out", str(tmp_path), "--no-eval"])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["toyworld.safetensors", "toyworld_words.safetensors", "train.json"]
     model = tw.load_model(tmp_path)
