@@ -405,7 +405,7 @@ def warm_up(model: nn.Module, memory: str | MemoryPolicy, config: RunConfig, pro
     memory, a cut and a switch right after it, then the chunks that refill the memory, under
     ``prompt``. With compiled (fused) blocks this compiles the graphs a later switch or cut needs, so
     a prompt typed during a live take does not wait for a compile; with eager kernels, or when this
-    process has warmed the same shapes before, it does nothing. Compiling leaves millions of
+    process has warmed the same shapes before, it does nothing. Compiling leaves many
     long-lived Python objects; they are then frozen (``gc.freeze``), so that a full collection of
     Python's cyclic garbage collector, which would walk them all, does not stall a chunk of the take.
     Returns the chunks made."""
