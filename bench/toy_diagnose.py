@@ -30,12 +30,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import train_toyworld as train  # noqa: E402
+
 from gf_core import toyworld as tw  # noqa: E402
 from gf_core.rope import RopeTable  # noqa: E402
 from gf_core.sampler import Schedule  # noqa: E402
 from gf_core.wan import WanConfig  # noqa: E402
-
-import train_toyworld as train  # noqa: E402
 
 CHUNK = tw.CHUNK_FRAMES
 

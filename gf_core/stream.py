@@ -17,7 +17,6 @@ stepped chunk by chunk makes exactly what ``generate`` makes with the same segme
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import time
@@ -405,10 +404,7 @@ def warm_up(model: nn.Module, memory: str | MemoryPolicy, config: RunConfig, pro
     memory, a cut and a switch right after it, then the chunks that refill the memory, under
     ``prompt``. With compiled (fused) blocks this compiles the graphs a later switch or cut needs, so
     a prompt typed during a live take does not wait for a compile; with eager kernels, or when this
-    process has warmed the same shapes before, it does nothing. Compiling leaves many
-    long-lived Python objects; they are then frozen (``gc.freeze``), so that a full collection of
-    Python's cyclic garbage collector, which would walk them all, does not stall a chunk of the take.
-    Returns the chunks made."""
+    process has warmed the same shapes before, it does nothing. Returns the chunks made."""
     session = Session(model, memory, config, noise_order="chunk")
     key = (repr(session.model_cfg), repr(session.policy), session.config.latent_hw, session.config.batch_size,
            session.dtype, session.device)
@@ -425,8 +421,6 @@ def warm_up(model: nn.Module, memory: str | MemoryPolicy, config: RunConfig, pro
                 segment = Segment(prompt, chunk, Transition(kind))
             session.step(segment)
         _WARMED.add(key)
-        gc.collect()
-        gc.freeze()
         return len(plan) + 1
     finally:
         session.close()

@@ -25,6 +25,7 @@ made under, latency_s, gen_fps, state, prompt), ``gf_live.state`` (state) and ``
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import queue
 import threading
@@ -477,10 +478,23 @@ class LiveRun:
         """Make the take; returns why it ended: "stopped" (the page) or "max" (the maximum duration)."""
         live, engine = self.live, self.engine
         self._send("gf_live.start", live.snapshot())
-        text, kind, command = first_text, None, None
         segment = Segment(self.encode(first_text), self.chunk_frames)
         # compiled blocks: compile the switch and cut graphs now, not when the first typed prompt arrives
         warm_up(engine.model, engine.policy, engine.config, segment.prompt)
+        # no full pass of Python's garbage collector over the process's long-lived objects (torch, the
+        # compiled graphs, the models) stalls a chunk: they are frozen for the take, and unfrozen after
+        # it, so that what a later model unload leaves in reference cycles is still collected
+        gc.collect()
+        gc.freeze()
+        try:
+            return self._take(segment, first_text)
+        finally:
+            gc.unfreeze()
+
+    def _take(self, segment: Segment, text: str) -> str:
+        """The take's loop, from its first chunk under ``segment`` (the prompt ``text``)."""
+        live, engine = self.live, self.engine
+        kind, command = None, None
         state = live.state
         while True:
             began = time.monotonic()

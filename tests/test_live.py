@@ -282,6 +282,23 @@ def tiny_take(model, script: dict[int, list[dict]], memory: str = "grounded", ma
     return run, reason, encoded
 
 
+def test_a_take_freezes_the_garbage_collectors_old_objects_until_it_ends(model):
+    """No full pass of the garbage collector walks the process's old objects during a take; after
+    the take they are collectable again (a model unloaded later is freed)."""
+    import gc
+
+    frozen = []
+    session = live.LiveSession(node="1")
+    engine = gf.Session(model, "grounded", gf.RunConfig(batch_size=1, seed=0, chunk_frames=3, noise_order="chunk",
+                                                        **RUN))
+    run = live.LiveRun(engine, session, embedding, 9, 3, on_chunk=lambda i: frozen.append(gc.get_freeze_count()))
+    assert gc.get_freeze_count() == 0
+    assert run.run("a fox in the snow") == "max"
+    engine.close()
+    assert len(frozen) == 3 and min(frozen) > 0
+    assert gc.get_freeze_count() == 0
+
+
 PAGE = {
     1: [{"type": "prompt", "text": "the fox runs"}],
     2: [{"type": "pause"}, {"type": "resume"}],
