@@ -318,7 +318,8 @@ def draw_context(rng: random.Random, chunks: int, max_gap: int = 0) -> Layout:
         return Layout(f"sink{sink}+{recent}", sink_context(chunks, sink, recent))
     recent = rng.choice([6, 9])
     frames = chunks * CHUNK
-    gap = CHUNK * rng.randint(1, max_gap // CHUNK) if max_gap >= CHUNK and rng.random() < 0.5 else 0
+    held = max_gap >= CHUNK and chunks > 1  # a one-chunk window has nothing after its anchors
+    gap = CHUNK * rng.randint(1, max_gap // CHUNK) if held and rng.random() < 0.5 else 0
     shared = rng.random() < 0.6
     clean = [0] * CHUNK + list(range(CHUNK, frames)) if shared else list(range(frames))
     return Layout(f"anchors+{recent}", sink_context(chunks, CHUNK, recent), gap, clean, (1,) if gap else ())
@@ -407,8 +408,7 @@ def train(args: argparse.Namespace) -> dict:
         pixel_weight = 1.0 + args.subject_weight * subject.float()  # [B, F, h, w]
         weights = chunk_weights(context, visible, named, first_ok, args.prompt_weight)  # [B, C]
         for c in layout.untrained:
-            if c < chunks:
-                weights[:, c] = 0
+            weights[:, c] = 0
         batch = x0.shape[0]
         level = torch.randint(len(schedule), (batch, chunks), generator=noise, device=device)
         sigma = sigmas[level].repeat_interleave(CHUNK, dim=1).view(batch, 1, args.frames, 1, 1)
