@@ -10,13 +10,17 @@ the page: it sends ``--prompts`` prompts at random moments of the run (APR switc
 Reported: pixel frames decoded per second over the whole take and after the first chunks
 (``steady_fps``, the figure to hold against 16), per chunk the diffusion and the decode time, and per
 prompt the seconds from its arrival to its first decoded frame, with the bound they are held to:
-two chunk times (generation + decode) plus one chunk's decode. ``--tiny`` runs the same logic on a
-tiny model on the CPU (decode only with ``--comfyui``).
+two chunk times (generation + decode) plus one chunk's decode. Per chunk too, where anything changed:
+graphs compiled, torch.compile's counters and the CUDA allocator's counts, the garbage collector's
+seconds, the GCM's replacements and the frames each switch recached; ``--stacks`` adds where the
+slowest chunks spent their time (the main thread's Python stack, sampled every 10 ms). ``--tiny``
+runs the same logic on a tiny model on the CPU (decode only with ``--comfyui``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import os
@@ -119,6 +123,7 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
 
     thread = threading.Thread(target=page, daemon=True)
     compiles: dict[int, int] = {}  # chunk -> graphs compiled while it was made (where any were)
+    counted: dict[int, dict[str, int]] = {}  # chunk -> compiler and allocator counts that changed while it was made
     graphs = [compiled_graphs()]
 
     collector: dict[int, float] = {}  # chunk -> seconds Python's garbage collector ran while it was made
@@ -130,19 +135,27 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
         else:
             collector[len(clock)] = collector.get(len(clock), 0.0) + time.perf_counter() - collecting[0]
 
+    runtime = [runtime_counts()]
+
     def on_chunk(index: int) -> None:
         clock[index] = time.perf_counter()
         graphs.append(compiled_graphs())
         if graphs[-1] > graphs[-2]:
             compiles[index] = graphs[-1] - graphs[-2]
+        runtime.append(runtime_counts())
+        changed = {k: n - runtime[-2].get(k, 0) for k, n in runtime[-1].items() if n != runtime[-2].get(k, 0)}
+        if changed:
+            counted[index] = changed
 
     run = live.LiveRun(engine, session, lambda text: embeddings[texts.index(text)], frames, 3, decoder=decoder,
                        sink=sink, on_chunk=on_chunk)
+    sampler = StackSampler(lambda: len(clock)) if args.stacks else contextlib.nullcontext()
     thread.start()
     gc.callbacks.append(on_collect)
     began = time.perf_counter()
     try:
-        reason = run.run(texts[0])
+        with sampler:
+            reason = run.run(texts[0])
         run.finish(reason, run.take.script())
     finally:
         gc.callbacks.remove(on_collect)
@@ -153,7 +166,59 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     engine.close()
     if error is not None:
         raise error
-    return run, clock, compiles, collector, began, ended, sink_done - ended, sent_bytes[0]
+    probes = {"compiles": compiles, "counts": counted, "stacks": sampler if args.stacks else None}
+    return run, clock, probes, collector, began, ended, sink_done - ended, sent_bytes[0]
+
+
+class StackSampler:
+    """Samples the main thread's Python stack every ``period`` seconds from a second thread: per chunk
+    being made, how often each innermost chain of frames was seen. A chunk that takes far longer than
+    the others shows where its time went (a wait on the GPU, a kernel build, host work)."""
+
+    def __init__(self, chunk_of, period: float = 0.01, depth: int = 6):
+        self.chunk_of, self.period, self.depth = chunk_of, period, depth
+        self.main = threading.main_thread().ident
+        self.samples: dict[int, dict[str, int]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.period):
+            frame = sys._current_frames().get(self.main)
+            chain = []
+            while frame is not None and len(chain) < self.depth:
+                code = frame.f_code
+                chain.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+                frame = frame.f_back
+            counts = self.samples.setdefault(self.chunk_of(), {})
+            key = " < ".join(chain)
+            counts[key] = counts.get(key, 0) + 1
+
+    def __enter__(self) -> StackSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def top(self, chunk: int, n: int = 8) -> list[tuple[str, int]]:
+        counts = self.samples.get(chunk, {})
+        return sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+
+
+def runtime_counts() -> dict[str, int]:
+    """torch.compile's counters (every group) and the CUDA allocator's device allocations, retries and
+    segments, flattened: a change while a chunk is made says what the chunk waited for."""
+    import torch._dynamo.utils
+
+    out = {f"{group}.{key}": int(n) for group, keys in torch._dynamo.utils.counters.items()
+           for key, n in keys.items() if isinstance(n, (int, float))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        stats = torch.cuda.memory_stats()
+        for key in ("num_device_alloc", "num_device_free", "num_alloc_retries", "segment.all.current"):
+            out[f"cuda.{key}"] = int(stats.get(key, 0))
+    return out
 
 
 def compiled_graphs() -> int:
@@ -163,8 +228,8 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def summarise(run, clock: dict[int, float], compiles: dict[int, int], collector: dict[int, float], began: float,
-              ended: float, sink_lag: float, sent_bytes: int, decode: bool) -> dict:
+def summarise(run, clock: dict[int, float], probes: dict,
+              collector: dict[int, float], began: float, ended: float, sink_lag: float, sent_bytes: int, decode: bool) -> dict:
     events = run.events
     made = [e["live"]["made_s"] for e in events]
     busy = [e["live"]["busy_s"] for e in events]
@@ -181,6 +246,12 @@ def summarise(run, clock: dict[int, float], compiles: dict[int, int], collector:
         steady = steady_frames / (clock[last] - clock[first])
     latencies = [e["live"]["applied"]["latency_s"] for e in events if "applied" in e["live"]]
     bound = 2 * chunk_s + chunk_decode_s
+    stacks = {}
+    if probes["stacks"] is not None:  # the three slowest chunks to make, a median switch chunk and a median chunk
+        slowest = sorted(range(len(made)), key=lambda i: -made[i])[:3]
+        by_time = sorted(switches, key=made.__getitem__)
+        typical = ([by_time[len(by_time) // 2]] if by_time else []) + [sorted(plain, key=made.__getitem__)[len(plain) // 2]]
+        stacks = {str(i): probes["stacks"].top(i) for i in dict.fromkeys(slowest + typical)}
     return {
         "latent_frames": run.take.latent_frames, "chunks": len(events), "pixel_frames": pixel,
         "decode": decode, "seconds": round(ended - began, 3), "fps": round(pixel / (ended - began), 2),
@@ -190,10 +261,15 @@ def summarise(run, clock: dict[int, float], compiles: dict[int, int], collector:
         "median_decode_s": round(chunk_decode_s, 4), "switch_chunks": sorted(switches),
         "switch_chunk_s": [round(busy[i], 4) for i in sorted(switches)],
         "chunk_diffusion_s": [round(m, 4) for m in made], "chunk_decode_s": [round(d, 4) for d in decode_s],
-        "graphs_compiled_at_chunk": {str(i): n for i, n in sorted(compiles.items())},
+        "graphs_compiled_at_chunk": {str(i): n for i, n in sorted(probes["compiles"].items())},
+        "counts_changed_at_chunk": {str(i): c for i, c in sorted(probes["counts"].items())},
+        "gcm_replaced_at_chunk": [i for i, e in enumerate(events) if any(u.get("replace") for u in e.get("gcm_updates", []))],
+        "recached_frames_at_switch": {str(i): sum(1 for a in (e["switch"].get("alpha") or {}).values() if a > 0)
+                                      for i, e in enumerate(events) if e.get("switch")},
         "garbage_collector_s_at_chunk": {str(i): round(t, 4) for i, t in sorted(collector.items()) if t >= 0.001},
         "prompt_latency_s": latencies, "latency_bound_s": round(bound, 4),
         "latency_within_bound": bool(latencies) and max(latencies) <= bound,
+        **({"stacks_at_chunk": stacks} if stacks else {}),
         "page_bytes": sent_bytes, "page_lag_s": round(sink_lag, 3), "script": run.take.script(),
     }
 
@@ -206,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=4, help="prompts the page thread sends during the take")
     ap.add_argument("--kernels", default="auto", choices=("auto", "fused", "eager"))
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (tests the script's logic)")
+    ap.add_argument("--stacks", action="store_true",
+                    help="sample the main thread's Python stack every 10 ms and report, for the slowest chunks "
+                         "and a median one, where their time went")
     ap.add_argument("--out", help="JSON file, or a folder to write live_speed.json into")
     args = ap.parse_args(argv)
     gf, live = load_pack()
@@ -216,11 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    run, clock, compiles, collector, began, ended, lag, sent = take(gf, live, model, cfg, size, dtype, device, vae,
+    run, clock, probes, collector, began, ended, lag, sent = take(gf, live, model, cfg, size, dtype, device, vae,
                                                                     decoding, args, args.frames, times)
     result = run_header(bench="live_speed", size=f"{size[1]}x{size[0]}", memory="grounded", kernels=args.kernels,
                         tiny=args.tiny, playback_fps=PLAYBACK_FPS,
-                        **summarise(run, clock, compiles, collector, began, ended, lag, sent, vae is not None))
+                        **summarise(run, clock, probes, collector, began, ended, lag, sent, vae is not None))
     if device == "cuda":
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out = args.out

@@ -374,7 +374,7 @@ def test_live_speed_bench_runs_at_tiny_size(tmp_path):
     spec = importlib.util.spec_from_file_location("live_speed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(["--tiny", "--comfyui", "", "--frames", "30", "--prompts", "2", "--out", str(tmp_path)])
+    result = bench.main(["--tiny", "--comfyui", "", "--frames", "30", "--prompts", "2", "--stacks", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "live_speed.json").read_text())
     assert saved["latent_frames"] == 30 and saved["chunks"] == 10 and saved["decode"] is False
     assert len(saved["prompt_latency_s"]) == 2 and all(s > 0 for s in saved["prompt_latency_s"])
@@ -383,3 +383,7 @@ def test_live_speed_bench_runs_at_tiny_size(tmp_path):
     assert sum(x.frames for x in lines) == 30
     assert saved["switch_chunks"] == [lines[0].frames // 3, (lines[0].frames + lines[1].frames) // 3]
     assert saved["steady_fps"] > 0 and saved["latency_bound_s"] > 0 and result["fps"] == saved["fps"]
+    assert set(saved["recached_frames_at_switch"]) == {str(c) for c in saved["switch_chunks"]}
+    slowest = max(range(10), key=saved["chunk_diffusion_s"].__getitem__)
+    assert str(slowest) in saved["stacks_at_chunk"]  # where the slowest chunk's time went
+    assert sum(n for top in saved["stacks_at_chunk"].values() for _, n in top) >= 1
