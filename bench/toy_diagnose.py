@@ -14,6 +14,7 @@ prompt worse than it keeps one.
 
     python bench/toy_diagnose.py                      # the shipped model, on a CPU
     python bench/toy_diagnose.py --model OUT --out diagnose.json
+    python bench/toy_diagnose.py --model A --model B        # several models, one after the other
 """
 
 from __future__ import annotations
@@ -69,22 +70,25 @@ def diagnose(folder: str | None, sentences: int, seed: int) -> dict:
                 hits[name][level][0] += sum(shown)
                 hits[name][level][1] += len(shown)
     return {
-        "model": "shipped" if folder is None else os.path.basename(os.path.normpath(folder)),
+        "model": "shipped" if folder is None or os.path.samefile(folder, tw.TOY_DIR) else os.path.basename(os.path.normpath(folder)),
         "sentences": sentences, "seed": seed, "sigmas": [round(float(s), 4) for s in schedule.sigmas],
         **{name: [round(a / b, 4) if b else None for a, b in levels] for name, levels in hits.items()},
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="folder of a trained toy model (default: the shipped one)")
+    ap.add_argument("--model", action="append",
+                    help="folder of a trained toy model (default: the shipped one); repeat to compare several")
     ap.add_argument("--sentences", type=int, default=24)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--out", help="JSON file to write")
     args = ap.parse_args(argv)
-    result = diagnose(args.model, args.sentences, args.seed)
-    for name in ("first_chunk", "third_chunk"):
-        print(f"{name}: identity per noise level {result['sigmas']}: {result[name]}")
+    results = [diagnose(folder, args.sentences, args.seed) for folder in (args.model or [None])]
+    for result in results:
+        for name in ("first_chunk", "third_chunk"):
+            print(f"{result['model']}: {name}: identity per noise level {result['sigmas']}: {result[name]}")
+    result = results[0] if len(results) == 1 else results
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)

@@ -247,8 +247,25 @@ def test_shipped_model_keeps_its_subject_through_a_cut():
     out = gf.generate(tw.load_model(), story.segments(), "grounded", height=256, width=256, seed=0)
     assert [e["switch"]["kind"] for e in out.events if e["switch"]] == ["cut"]
     m = tw.measure(story, out.latents)
-    assert m["identity_first"] >= 0.5 and m["scene"] >= 0.9
-    assert m["cut_identity"] >= 1 / 3 and m["collapse"][0] <= 0.1
+    assert m["identity_first"] >= 0.7 and m["scene"] >= 0.9
+    assert m["cut_identity"] >= 0.5 and m["collapse"][0] <= 0.1
+
+
+def test_shipped_model_draws_the_subject_each_prompt_names():
+    """Every shape at both sizes, two openings each (colour, action and scene drawn at random): the
+    shipped model under the default memory shows the named subject in most of the first 9 frames.
+    The threshold sits below what this run measures."""
+    rng = random.Random(0)
+    model = tw.load_model()
+    hits = []
+    for shape in tw.SHAPES:
+        for size in tw.SIZES:
+            for _ in range(2):
+                subject = tw.Subject(size, rng.choice(list(tw.COLOURS)), shape)
+                story = tw.play([(f"a {subject} {rng.choice(tw.ACTIONS)} on the {rng.choice(list(tw.SCENES))}", 9)])
+                out = gf.generate(model, story.segments(), "grounded", height=256, width=256, seed=len(hits))
+                hits.append(tw.identity_accuracy(story, out.latents, 9))
+    assert sum(hits) / len(hits) >= 0.7
 
 
 def test_demo_plays_the_script(tmp_path, capsys):
