@@ -17,7 +17,8 @@ one index, as Dual-Reference RoPE's global memory, or at 0-2) plus the newest fr
 possibly held from earlier in the story. ``--init`` goes on from a trained (or shipped) model.
 ``--frames 3 --story-starts 1`` trains the first chunk of a story alone: the picture drawn from the
 prompt with nothing before it, which a sampled video copies from then on (``--prompt-weight``
-weighs such chunks inside longer windows).
+weighs such chunks inside longer windows). ``--self-context P`` gives a share P of the steps the
+model's own pictures as context (:func:`own_context`), as a sampled video has them.
 A chunk's loss counts only where its picture is determined: every subject it shows is
 named by its prompt or visible in a frame it attends to, and a window that starts mid-story
 does not train its first chunk. Pixels at and around a subject weigh ``1 + --subject-weight``
@@ -199,6 +200,20 @@ def train_forward(
     mod = (head.modulation.to(h.dtype).unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
     out = head.head(head.norm(h).unflatten(1, (frames, tokens)) * (1 + mod[1]) + mod[0])
     return unpatchify(out, (frames, grid[1], grid[2]), cfg.patch_size, cfg.out_dim)
+
+
+def own_context(model: torch.nn.Module, x0: torch.Tensor, eps: torch.Tensor, sigma: float, timestep: torch.Tensor,
+                prompts: torch.Tensor, context: list[list[int]], rope: RopeTable, flex=None, block_mask=None,
+                clean_index: list[int] | None = None) -> torch.Tensor:
+    """The model's own pictures of a window, to stand in for its true frames as context: every chunk
+    predicted in one step from its true picture noised to ``sigma`` (the sampler's last level), each
+    chunk seeing the true frames of its context. No gradient. A sampled video's context is the model's
+    output, not the truth; training on this teaches the next chunk to go on from an imperfect picture."""
+    with torch.no_grad():
+        rough = (1 - sigma) * x0 + sigma * eps
+        steps = timestep.view(1, 1).expand(x0.shape[0], x0.shape[2] // CHUNK)
+        v = train_forward(model, x0, rough, steps, prompts, context, rope, flex, block_mask, clean_index)
+        return (rough - sigma * v.float()).detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,10 +430,15 @@ def train(args: argparse.Namespace) -> dict:
         eps = torch.randn(x0.shape, generator=noise, device=device)
         noisy = (1 - sigma) * x0 + sigma * eps
         clean = x0 + args.context_noise * torch.randn(x0.shape, generator=noise, device=device)
+        own = bool(args.self_context) and rng.random() < args.self_context
         opt.zero_grad(set_to_none=True)
         try:
             block_mask = flex_masks.get(kind, frame_mask(context, device)) if flex is not None else None
             with autocast:
+                if own:
+                    clean = own_context(model, x0, torch.randn(x0.shape, generator=noise, device=device),
+                                        float(sigmas[-1]), timesteps[-1], table[prompt_ids], context, rope, flex,
+                                        block_mask, layout.clean_index)
                 v = train_forward(model, clean, noisy, timesteps[level], table[prompt_ids], context, rope,
                                   flex, block_mask, layout.clean_index)
             err = (v.float() - (eps - x0)).pow(2).mean(dim=1) * pixel_weight  # [B, F, h, w]
@@ -581,6 +601,9 @@ def main(argv: list[str] | None = None) -> None:
                          "of a story, an entry), against 1 for the others")
     ap.add_argument("--story-starts", type=float, default=0.5,
                     help="share of the training windows that begin where a story begins")
+    ap.add_argument("--self-context", type=float, default=0.0, metavar="P",
+                    help="share of the steps whose context frames are the model's own one-step pictures of the "
+                         "window (own_context) instead of the true frames; the targets stay the truth")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--attention", choices=("auto", "sdpa", "flex"), default="auto",
                     help="self-attention kernel: flex (compiled FlexAttention, skips masked blocks), sdpa; "

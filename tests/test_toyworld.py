@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -209,6 +210,37 @@ def test_first_chunk_training_runs(tmp_path):
                          "--layers", "1", "--ffn", "256", "--stories", "4", "--story-starts", "1", "--out", str(tmp_path),
                          "--no-eval", "--log-every", "1"])
     assert result is None and (tmp_path / "train.json").is_file()
+
+
+def test_own_context_is_the_models_picture_of_the_window():
+    """--self-context's stand-in for the true frames: the shipped model's one-step pictures of a true
+    window, the named subject in most frames, yet not a copy of the truth."""
+    from gf_core.rope import RopeTable
+    from gf_core.sampler import Schedule
+
+    train = _train_module()
+    model = tw.load_model(dtype=torch.float32)
+    cfg = gf.WanConfig.from_module(model)
+    story = tw.play([("a big red circle moves right on the grass", 9)])
+    x0 = tw.story_latents(story)
+    e = tw.load_words().embed(story.sentences[0].text)
+    prompts = torch.zeros(1, 3, train.MAX_WORDS, e.shape[-1])
+    prompts[0, :, : e.shape[1]] = e[0]
+    schedule = Schedule.few_step()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    own = train.own_context(model, x0, eps, float(schedule.sigmas[-1]), schedule.timesteps[-1], prompts,
+                            [[], [0, 1, 2], [0, 1, 2, 3, 4, 5]], RopeTable(cfg.head_dim))
+    assert own.shape == x0.shape and not own.requires_grad
+    assert tw.identity_accuracy(story, own, 9) >= 0.7
+    assert (own - x0).abs().mean() > 1e-3
+
+
+def test_training_with_its_own_context_runs(tmp_path):
+    train = _train_module()
+    train.main(["--device", "cpu", "--steps", "3", "--batch", "2", "--size", "8", "--frames", "6", "--layers", "1",
+                "--ffn", "256", "--stories", "4", "--self-context", "1", "--out", str(tmp_path), "--no-eval"])
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert saved["settings"]["self_context"] == 1.0 and saved["steps"] == 3
 
 
 def test_training_script_runs_and_its_weights_load(tmp_path):
