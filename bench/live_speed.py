@@ -124,6 +124,7 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     thread = threading.Thread(target=page, daemon=True)
     compiles: dict[int, int] = {}  # chunk -> graphs compiled while it was made (where any were)
     counted: dict[int, dict[str, int]] = {}  # chunk -> compiler and allocator counts that changed while it was made
+    profiled: dict[str, list] = {}  # --profile: the profiled chunks' busiest operations
     graphs = [compiled_graphs()]
 
     collector: dict[int, float] = {}  # chunk -> seconds Python's garbage collector ran while it was made
@@ -137,8 +138,19 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
 
     runtime = [runtime_counts()]
 
+    profiler = [None]
+
     def on_chunk(index: int) -> None:
         clock[index] = time.perf_counter()
+        if args.profile and index + 1 == args.profile[0]:  # profile the chunks from the next one on
+            profiler[0] = torch.profiler.profile(activities=profile_activities())
+            profiler[0].__enter__()
+        elif args.profile and index == args.profile[1] and profiler[0] is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            profiler[0].__exit__(None, None, None)
+            profiled.update({"chunks": list(args.profile), **profile_tables(profiler[0])})
+            profiler[0] = None
         graphs.append(compiled_graphs())
         if graphs[-1] > graphs[-2]:
             compiles[index] = graphs[-1] - graphs[-2]
@@ -166,7 +178,7 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     engine.close()
     if error is not None:
         raise error
-    probes = {"compiles": compiles, "counts": counted, "stacks": sampler if args.stacks else None}
+    probes = {"compiles": compiles, "counts": counted, "stacks": sampler if args.stacks else None, "profile": profiled}
     return run, clock, probes, collector, began, ended, sink_done - ended, sent_bytes[0]
 
 
@@ -205,6 +217,28 @@ class StackSampler:
     def top(self, chunk: int, n: int = 8) -> list[tuple[str, int]]:
         counts = self.samples.get(chunk, {})
         return sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+
+
+def profile_activities() -> list:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return acts
+
+
+def profile_tables(prof, n: int = 20) -> dict[str, list]:
+    """The profiled operations with the most host time of their own and the most device time."""
+    rows = prof.key_averages()
+
+    def device_us(r) -> float:
+        return float(getattr(r, "self_device_time_total", getattr(r, "self_cuda_time_total", 0.0)))
+
+    def row(r) -> dict:
+        return {"name": r.key[:120], "calls": r.count, "self_host_ms": round(r.self_cpu_time_total / 1e3, 3),
+                "self_device_ms": round(device_us(r) / 1e3, 3)}
+
+    return {"by_host_ms": [row(r) for r in sorted(rows, key=lambda r: -r.self_cpu_time_total)[:n]],
+            "by_device_ms": [row(r) for r in sorted(rows, key=lambda r: -device_us(r))[:n]]}
 
 
 def runtime_counts() -> dict[str, int]:
@@ -270,6 +304,7 @@ def summarise(run, clock: dict[int, float], probes: dict,
         "prompt_latency_s": latencies, "latency_bound_s": round(bound, 4),
         "latency_within_bound": bool(latencies) and max(latencies) <= bound,
         **({"stacks_at_chunk": stacks} if stacks else {}),
+        **({"profile": probes["profile"]} if probes["profile"] else {}),
         "page_bytes": sent_bytes, "page_lag_s": round(sink_lag, 3), "script": run.take.script(),
     }
 
@@ -285,13 +320,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stacks", action="store_true",
                     help="sample the main thread's Python stack every 10 ms and report, for the slowest chunks "
                          "and a median one, where their time went")
+    ap.add_argument("--profile", type=lambda t: tuple(int(x) for x in t.split(":")), metavar="FIRST:LAST",
+                    help="run torch.profiler over chunks FIRST to LAST of the timed take and report their busiest "
+                         "operations (the profiler slows those chunks)")
     ap.add_argument("--out", help="JSON file, or a folder to write live_speed.json into")
     args = ap.parse_args(argv)
     gf, live = load_pack()
     model, cfg, size, dtype, device, vae, decoding = build(args, gf)
     times = [(k + 1) / (args.prompts + 1) for k in range(args.prompts)]
     # warm-up: every shape of the take once (memory filling, a switch; fused blocks compile here)
-    take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, min(36, args.frames), [0.5])
+    quiet = argparse.Namespace(**{**vars(args), "stacks": False, "profile": None})  # probes watch the timed take only
+    take(gf, live, model, cfg, size, dtype, device, vae, decoding, quiet, min(36, args.frames), [0.5])
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

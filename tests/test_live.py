@@ -374,7 +374,8 @@ def test_live_speed_bench_runs_at_tiny_size(tmp_path):
     spec = importlib.util.spec_from_file_location("live_speed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(["--tiny", "--comfyui", "", "--frames", "30", "--prompts", "2", "--stacks", "--out", str(tmp_path)])
+    result = bench.main(["--tiny", "--comfyui", "", "--frames", "30", "--prompts", "2", "--stacks", "--profile", "5:6",
+                         "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "live_speed.json").read_text())
     assert saved["latent_frames"] == 30 and saved["chunks"] == 10 and saved["decode"] is False
     assert len(saved["prompt_latency_s"]) == 2 and all(s > 0 for s in saved["prompt_latency_s"])
@@ -387,3 +388,4 @@ def test_live_speed_bench_runs_at_tiny_size(tmp_path):
     slowest = max(range(10), key=saved["chunk_diffusion_s"].__getitem__)
     assert str(slowest) in saved["stacks_at_chunk"]  # where the slowest chunk's time went
     assert sum(n for top in saved["stacks_at_chunk"].values() for _, n in top) >= 1
+    assert saved["profile"]["chunks"] == [5, 6] and any("addmm" in r["name"] for r in saved["profile"]["by_host_ms"])
