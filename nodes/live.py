@@ -18,8 +18,9 @@ loop; a :class:`LiveSession` hands them across under a lock.
 Messages to the page (event name, data), all with ``session`` (the take's id) and ``node``:
 ``gf_live.start`` (fps, width, height, max_latent_frames, prompt), ``gf_live.frames`` (chunk,
 frames: base64 JPEGs, latent_frames made, applied: the command numbers this chunk is the first one
-made under, latency_s, gen_fps, state, prompt), ``gf_live.state`` (state) and ``gf_live.end``
-(reason, latent_frames, script).
+made under, latency_s, gen_fps, state, prompt), ``gf_live.state`` (state), ``gf_live.refused`` (seq,
+text, error: a typed prompt the text encoder refused; the take goes on under the prompt before it)
+and ``gf_live.end`` (reason, latent_frames, script).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from PIL import Image
 
 from ..gf_core import Segment, Transition, pixel_frames, warm_up
 from ..gf_core.errors import BadInput
-from ..gf_core.latents import to_raw
+from ..gf_core.latents import preview_rgb, to_raw
 from .prompts import FPS, LATENT_FRAMES_PER_SECOND, PIXEL_FRAMES_PER_LATENT
 
 MAX_TEXT_CHARS = 2000  # umT5's 512 tokens are about this many characters of English
@@ -439,6 +440,30 @@ class PixelDecoder:
         return self._frames(self.decoder.flush())
 
 
+class PreviewDecoder:
+    """Normalised latents -> frames [T, H, W, 3] uint8 on the host without a VAE: the Wan2.1
+    latent-to-RGB preview projection (:func:`gf_core.latents.preview_rgb`), each latent pixel an
+    ``scale`` x ``scale`` block, as many frames as the Wan VAE's streaming decode gives (1 for the
+    take's first latent frame, 4 for every later one, each held). Exact for the toy world, whose
+    latents are made through that projection; a rough, fast preview of a real Wan video."""
+
+    def __init__(self, scale: int = 8):
+        self.scale = scale
+        self.started = False
+
+    def push(self, latents: torch.Tensor) -> torch.Tensor:
+        rgb = preview_rgb(latents.float())[0]  # [F, h, w, 3]
+        rgb = rgb.repeat_interleave(self.scale, dim=1).repeat_interleave(self.scale, dim=2)
+        held = torch.full((rgb.shape[0],), PIXEL_FRAMES_PER_LATENT, dtype=torch.long)
+        if not self.started:
+            held[0] = 1
+            self.started = True
+        return rgb.repeat_interleave(held.to(rgb.device), dim=0).cpu()
+
+    def flush(self) -> torch.Tensor:
+        return torch.zeros(0, 0, 0, 3, dtype=torch.uint8)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -540,11 +565,15 @@ class LiveRun:
                 break
             if command is not None:
                 kind = "cut" if command.kind == "cut" else command.transition
+                embedding = segment.prompt
                 if command.text is not None and command.text != text:
+                    try:
+                        embedding = self.encode(command.text)
+                    except BadInput as e:  # a prompt the text encoder refuses: the take goes on as it was
+                        self._send("gf_live.refused", {"seq": command.seq, "text": command.text, "error": str(e)})
+                        command = None
+                        continue
                     text = command.text
-                    embedding = self.encode(text)
-                else:
-                    embedding = segment.prompt
                 segment = Segment(embedding, self.chunk_frames, transition_of(kind))
         return self.reason
 

@@ -62,8 +62,11 @@ class GFLiveSampler(io.ComfyNode):
                 Memory.Input("memory", tooltip="The long-video memory: GF Dual Memory (Grounded Forcing) or any other GF memory node."),
                 io.Clip.Input("clip", tooltip="The Wan text encoder (umT5-XXL, CLIP Loader type 'wan'): encodes the "
                                               "first prompt and every prompt typed in the panel."),
-                io.Vae.Input("vae", tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors): decodes each chunk as it is "
-                                            "made, its causal cache carried from chunk to chunk."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors): decodes each chunk as it is made, its "
+                                     "causal cache carried from chunk to chunk. Left empty, the panel and the video "
+                                     "show the latent preview projection instead: exact for the toy world, a rough "
+                                     "but fast preview of a real Wan video."),
                 io.String.Input("prompt", multiline=True, default=EXAMPLE_PROMPT,
                                 tooltip="The prompt the take starts with."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -100,14 +103,15 @@ class GFLiveSampler(io.ComfyNode):
         return uuid.uuid4().hex  # every Run is a new take
 
     @classmethod
-    def execute(cls, model, memory, clip, vae, prompt: str, seed: int, width: int, height: int, max_seconds: float,
-                realtime: bool, fused: str = "auto") -> io.NodeOutput:
+    def execute(cls, model, memory, clip, prompt: str, seed: int, width: int, height: int, max_seconds: float,
+                realtime: bool, vae=None, fused: str = "auto") -> io.NodeOutput:
         if clip is None:
             raise BadInput("the clip input is empty; connect a CLIP Loader with type 'wan' (umT5-XXL)")
-        if not is_wan21_vae(vae.first_stage_model):
+        if vae is not None and not is_wan21_vae(vae.first_stage_model):
             raise BadInput("GF Live Sampler decodes with the Wan2.1 VAE (wan_2.1_vae.safetensors); connect it "
-                                "to the vae input")
+                                "to the vae input, or leave it empty for the latent preview")
         text = live.clean_text(prompt)
+        clip.tokenize(text)  # a text encoder that refuses the prompt (the toy world's) says so before any work
         max_frames = live.max_latent_frames(max_seconds, CHUNK_FRAMES)
         module = model.model.diffusion_model
         memory, rope_kind = apply_rope(memory, rope_options(model.model_options))
@@ -121,10 +125,11 @@ class GFLiveSampler(io.ComfyNode):
         need = sampling.memory_estimate(cfg, memory, config, dtype, weight_bytes=model.model_size())
         if device.type == "cuda":
             check_fits(need, _available_bytes(device), offloadable_weights=True)
-        decode_bytes = vae.memory_used_decode((1, 16, 1, height // 8, width // 8), vae.vae_dtype)
+        decode_bytes = 0 if vae is None else vae.memory_used_decode((1, 16, 1, height // 8, width // 8), vae.vae_dtype)
 
         def load() -> None:
-            mm.load_models_gpu([model, vae.patcher], memory_required=need.cache + need.activations + decode_bytes)
+            mm.load_models_gpu([model] + ([] if vae is None else [vae.patcher]),
+                               memory_required=need.cache + need.activations + decode_bytes)
 
         def encode(words: str):
             embedding = prompts.prompt_embedding(clip.encode_from_tokens_scheduled(clip.tokenize(words)))
@@ -141,8 +146,8 @@ class GFLiveSampler(io.ComfyNode):
             engine = gf.Session(module, memory, config)
             load()
             pbar = comfy.utils.ProgressBar(max_frames // CHUNK_FRAMES)
-            decoder = live.PixelDecoder(StreamDecoder(vae.first_stage_model), vae.process_output, vae.device,
-                                        vae.vae_dtype)
+            decoder = live.PreviewDecoder() if vae is None else live.PixelDecoder(
+                StreamDecoder(vae.first_stage_model), vae.process_output, vae.device, vae.vae_dtype)
             run = live.LiveRun(engine, session, encode, max_frames, CHUNK_FRAMES, decoder=decoder, sink=sink,
                                pacer=live.Pacer(prompts.FPS) if realtime else None,
                                interrupted=mm.throw_exception_if_processing_interrupted,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from grounded_forcing import gf_core as gf
+from grounded_forcing.gf_core.errors import BadInput
 from grounded_forcing.nodes import live, prompts
 from helpers import CFG, RUN
 from PIL import Image
@@ -333,6 +334,50 @@ def test_live_take_replays_bit_for_bit_through_generate(model):
     end = sent[-1][1]
     assert end["reason"] == "stopped" and end["script"] == script and end["dropped"] == [7]
     assert {d["session"] for _, d in sent} == {run.live.id}
+
+
+def test_a_prompt_the_encoder_refuses_is_answered_and_the_take_goes_on(model):
+    """A typed prompt the text encoder cannot encode (the toy world's, for a word outside its
+    vocabulary) gets its sentence back on the page; the take goes on under the prompt before it."""
+    sent = []
+    sink = live.FrameSink(lambda event, data: sent.append((event, data)))
+    session = live.LiveSession(node="1")
+    engine = gf.Session(model, "grounded", gf.RunConfig(batch_size=1, seed=5, chunk_frames=3, noise_order="chunk",
+                                                        **RUN))
+
+    def encode(text):
+        if "zebra" in text:
+            raise BadInput("the word 'zebra' is not in the toy world's vocabulary")
+        return embedding(text)
+
+    script = {1: [{"type": "prompt", "text": "a zebra"}], 2: [{"type": "prompt", "text": "the fox runs"}]}
+
+    def on_chunk(index):
+        for m in script.get(index, []):
+            session.submit(live.parse_command({"session": session.id, **m})[1])
+
+    run = live.LiveRun(engine, session, encode, 12, 3, sink=sink, on_chunk=on_chunk)
+    assert run.run("a fox in the snow") == "max"
+    engine.close()
+    assert sink.close() is None
+    refused = [d for e, d in sent if e == "gf_live.refused"]
+    assert [(d["seq"], d["text"]) for d in refused] == [(1, "a zebra")] and "zebra" in refused[0]["error"]
+    assert run.take.script() == "9f | a fox in the snow\napr 3f | the fox runs\n"
+
+
+def test_preview_decoder_gives_the_frames_a_vae_would_in_number_and_size():
+    """Without a VAE the panel shows the latent preview projection: 1 frame for the take's first
+    latent frame and 4 for every later one, 8x8 pixels per latent pixel, the preview's colours."""
+    from grounded_forcing.gf_core.latents import preview_rgb
+
+    decoder = live.PreviewDecoder()
+    a, b = torch.randn(1, 16, 3, 4, 6), torch.randn(1, 16, 3, 4, 6)
+    first, second = decoder.push(a), decoder.push(b)
+    assert first.shape == (9, 32, 48, 3) and second.shape == (12, 32, 48, 3) and first.dtype == torch.uint8
+    assert decoder.flush().shape[0] == 0
+    expected = preview_rgb(b)[0, 1]  # the second chunk's second latent frame, held for 4 frames
+    for k in range(4, 8):
+        assert torch.equal(second[k, ::8, ::8], expected)
 
 
 def test_a_different_page_gives_a_different_take(model):

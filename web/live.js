@@ -269,6 +269,9 @@ onMessage("gf_live.frames", (detail) => {
 onMessage("gf_live.state", (detail) => {
   if (take?.session === detail.session) take.state = detail.state;
 });
+onMessage("gf_live.refused", (detail) => {
+  for (const p of panelsFor(detail)) p.reply.textContent = detail.error;
+});
 onMessage("gf_live.end", (detail) => {
   if (take?.session === detail.session) take.state = "ended";
   for (const p of panelsFor(detail)) p.end(detail);
