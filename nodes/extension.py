@@ -18,7 +18,13 @@ from .model_nodes import GFDRRoPE, GFLoadCausalWanModel
 from .prompt_nodes import GFAPRTransition, GFCut, GFPromptSegment, GFPromptTimeline
 from .sampler_nodes import GFSampler
 from .timeline_nodes import GFEventTimeline
-from .toy_nodes import GFToyWorldDecode, GFToyWorldModel, GFToyWorldPrompt, GFToyWorldTimeline
+from .toy_nodes import (
+    GFToyWorldDecode,
+    GFToyWorldModel,
+    GFToyWorldPrompt,
+    GFToyWorldTextEncoder,
+    GFToyWorldTimeline,
+)
 
 NODES: list[type[io.ComfyNode]] = [
     GFLoadCausalWanModel,
@@ -38,6 +44,7 @@ NODES: list[type[io.ComfyNode]] = [
     GFEventTimeline,
     GFToyWorldModel,
     GFToyWorldPrompt,
+    GFToyWorldTextEncoder,
     GFToyWorldTimeline,
     GFToyWorldDecode,
     GFLiveSampler,

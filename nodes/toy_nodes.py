@@ -67,6 +67,42 @@ class GFToyWorldPrompt(io.ComfyNode):
         return io.NodeOutput([[tw.embed(text), {}]])
 
 
+class ToyTextEncoder:
+    """The toy world's text encoder behind a CLIP socket: core's CLIP interface as CLIP Text Encode,
+    GF Prompt Timeline and GF Live Sampler use it (``tokenize``, ``encode_from_tokens_scheduled``).
+    A sentence's embedding is one word vector per word from the table shipped with the toy model;
+    ``tokenize`` refuses a sentence outside the toy world's forms or vocabulary in one sentence."""
+
+    def __init__(self, words: tw.Words):
+        self.words = words
+
+    def tokenize(self, text: str, **_) -> str:
+        self.words.embed(text)  # raises BadInput naming the word or form it does not know
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens: str, **_) -> list:
+        return [[self.words.embed(tokens), {"pooled_output": None}]]
+
+
+class GFToyWorldTextEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GFToyWorldTextEncoder",
+            display_name="GF Toy World Text Encoder",
+            category=TOY_CATEGORY,
+            description="The toy world's text encoder as a CLIP: connect it where a Wan text encoder goes (CLIP "
+                        "Text Encode, GF Prompt Timeline, GF Live Sampler) to type toy-world sentences. Only "
+                        "the toy world's words work with it, and only with GF Toy World Model.",
+            inputs=[],
+            outputs=[io.Clip.Output(display_name="clip")],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(ToyTextEncoder(tw.load_words()))
+
+
 class GFToyWorldTimeline(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -510,7 +510,7 @@ def test_pack_declares_every_node():
                                "GFInfinityRoPEMemory", "GFAnchorForcingMemory", "GFContextForcingMemory", "GFDRRoPE",
                                "GFPromptSegment", "GFAPRTransition", "GFCut", "GFPromptTimeline", "GFSampler", "GFStreamDecode",
                                "GFEventTimeline", "GFToyWorldModel", "GFToyWorldPrompt", "GFToyWorldTimeline",
-                               "GFToyWorldDecode", "GFLiveSampler"}
+                               "GFToyWorldDecode", "GFToyWorldTextEncoder", "GFLiveSampler"}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.name)

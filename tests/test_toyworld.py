@@ -314,7 +314,7 @@ def test_demo_plays_the_script(tmp_path, capsys):
 
 # -- in ComfyUI (skipped without GF_COMFYUI_PATH) -------------------------------------------------
 
-TOY_NODES = ("GFToyWorldModel", "GFToyWorldPrompt", "GFToyWorldTimeline", "GFToyWorldDecode")
+TOY_NODES = ("GFToyWorldModel", "GFToyWorldPrompt", "GFToyWorldTimeline", "GFToyWorldDecode", "GFToyWorldTextEncoder")
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +350,9 @@ def comfy(tmp_path_factory):
     return nodes.NODE_CLASS_MAPPINGS, execution
 
 
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
 def _api_prompt(workflow: dict, mappings: dict) -> dict:
     """A UI-format workflow as the API prompt the frontend would send (widgets in input order)."""
     links = {link[0]: link for link in workflow["links"]}
@@ -364,6 +367,9 @@ def _api_prompt(workflow: dict, mappings: dict) -> dict:
         for section in ("required", "optional"):
             for name, definition in spec.get(section, {}).items():
                 options = definition[1] if len(definition) > 1 else {}
+                socket = isinstance(definition[0], str) and definition[0] not in WIDGET_TYPES
+                if socket and name not in linked:
+                    continue  # an optional socket left empty has no widget value
                 if name in linked:
                     inputs[name] = [str(linked[name][1]), linked[name][2]]
                 elif values:
@@ -382,12 +388,25 @@ def test_toy_nodes_register_and_the_workflow_validates(comfy):
     for node_id in TOY_NODES:
         schema = mappings[node_id].GET_SCHEMA()
         assert schema.category.startswith("Grounded Forcing") and all(i.tooltip for i in schema.inputs)
-    workflow = json.loads((ROOT / "workflows" / "gf_toy_world.json").read_text())
-    prompt = _api_prompt(workflow, mappings)
-    assert {n["class_type"] for n in prompt.values()} >= {"GFToyWorldModel", "GFToyWorldTimeline", "GFSampler",
-                                                         "GFToyWorldDecode"}
-    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("gf-toy", prompt, None))
-    assert ok and not node_errors and outputs, (error, node_errors)
+    for name, nodes in (("gf_toy_world", {"GFToyWorldModel", "GFToyWorldTimeline", "GFSampler", "GFToyWorldDecode"}),
+                        ("gf_toy_world_live", {"GFToyWorldModel", "GFToyWorldTextEncoder", "GFLiveSampler"})):
+        workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+        prompt = _api_prompt(workflow, mappings)
+        assert {n["class_type"] for n in prompt.values()} >= nodes
+        assert "vae" not in next(n for n in prompt.values() if n["class_type"] in ("GFSampler", "GFLiveSampler"))["inputs"]
+        ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(name, prompt, None))
+        assert ok and not node_errors and outputs, (name, error, node_errors)
+
+
+def test_toy_text_encoder_works_as_a_clip_in_core_nodes(comfy):
+    """GF Toy World Text Encoder behind core's CLIP Text Encode gives the toy world's embedding, and a
+    word outside the vocabulary is refused in one sentence naming it."""
+    mappings, _ = comfy
+    clip = mappings["GFToyWorldTextEncoder"].execute()[0]
+    cond = mappings["CLIPTextEncode"]().encode(clip, "then it bounces")[0]
+    assert torch.equal(cond[0][0], tw.embed("then it bounces"))
+    with pytest.raises(ValueError, match="does not know the word 'flies'"):
+        clip.tokenize("then it flies")
 
 
 def test_toy_model_samples_in_comfyui_as_in_the_engine(comfy):
