@@ -346,3 +346,59 @@ def test_a_cancelled_take_keeps_its_latents_script_and_video(server):
     # every frame decoded before the cancel; a cancel may stop the last chunk's decode
     assert gf.pixel_frames(latents.shape[2] - 4) <= decoded <= gf.pixel_frames(latents.shape[2])
     assert server.get_json("/api/gf_live/session") == {"session": None}
+
+
+TOY_FIRST, TOY_SECOND, TOY_BAD = "a big red circle moves right on the grass", "then it moves left", "then it flies"
+
+OPEN_TOY = """
+const [workflow, done] = [arguments[0], arguments[arguments.length - 1]];
+(async () => {
+  await app.loadGraphData(workflow);
+  const live = app.graph._nodes.find((n) => n.type === "GFLiveSampler");
+  app.canvas.ds.scale = 0.8;  // the whole live node on screen, so its panel can be typed into
+  app.canvas.ds.offset = [-live.pos[0] + 150, -live.pos[1] + 80];
+  app.canvas.setDirty(true, true);
+  done((await app.graphToPrompt()).output);
+})().catch((e) => done({error: String(e)}));
+"""
+
+
+def toy_live_take(server, driver, before_stop=None) -> tuple[dict, dict]:
+    """workflows/gf_toy_world_live.json as it ships (nothing to download, no VAE): Run, a sentence typed
+    in the panel, a sentence with a word outside the toy world's vocabulary, Stop. ``before_stop`` is
+    called with the driver once the typed sentence shows. Returns the API prompt, the finished history
+    entry and the refusal the panel showed."""
+    workflow = json.loads((REPO / "workflows" / "gf_toy_world_live.json").read_text())
+    driver.get(server.url)
+    wait_for_app(driver)
+    api = driver.execute_async_script(OPEN_TOY, workflow)
+    assert "error" not in api, api
+    click_run(driver)
+    wait_until(lambda: int((panel_data(driver) or {}).get("received") or 0) > 0, 120, "the first frames")
+    prompt_id = server.get_json("/queue")["queue_running"][0][1]
+    type_prompt(driver, TOY_SECOND)
+    wait_applied(driver, 1)
+    type_prompt(driver, TOY_BAD)
+    reply = driver.find_element("css selector", f"{PANEL} .gf-live-reply")
+    refusal = wait_until(lambda: "flies" in reply.text and reply.text, 60, "the refusal of the unknown word")
+    wait_until(lambda: int((panel_data(driver) or {}).get("played") or 0) > 40, 60, "frames played after the switch")
+    if before_stop is not None:
+        before_stop(driver)
+    driver.find_element("css selector", f"{PANEL} .gf-live-stop").click()
+    status_line = driver.find_element("css selector", f"{PANEL} .gf-live-status")
+    wait_until(lambda: "stopped" in status_line.text, 60, "the end of the take")
+    return api, history(server, prompt_id), refusal
+
+
+def test_toy_world_live_workflow_runs_as_shipped(server):
+    """A new user's first live take: the toy model steered from the page, with nothing downloaded."""
+    with chromium_driver() as driver:
+        api, take, refusal = toy_live_take(server, driver)
+        data = panel_data(driver)
+    assert "does not know the word 'flies'" in refusal
+    assert int(data["received"]) > 0 and int(data["played"]) > 0
+    script_node = next(k for k, v in api.items() if v["class_type"] == "PreviewAny")
+    lines = prompts.parse_script(take["outputs"][script_node]["text"][0])
+    assert [(x.text, x.transition and x.transition.kind) for x in lines] == [(TOY_FIRST, None), (TOY_SECOND, "apr")]
+    video = next(k for k, v in api.items() if v["class_type"] == "SaveVideo")
+    assert video_frames(server, take["outputs"][video]) == gf.pixel_frames(sum(x.frames for x in lines))

@@ -82,6 +82,7 @@ SIZES = {
     "GFToyWorldModel": (320, 40),
     "GFToyWorldTimeline": (520, 260),
     "GFToyWorldDecode": (320, 62),
+    "GFToyWorldTextEncoder": (320, 40),
 }
 NOTE_WIDTH = 440
 # The saved view: the whole graph fits this box of the browser window (CSS pixels: left, top, width,
@@ -493,4 +494,29 @@ save = Column(g, right_of("GFToyWorldTimeline", "GFSampler", "GFToyWorldDecode")
     "SaveVideo", filename_prefix="video/gf_toy_world")
 g.connect(create, 0, save, "video")
 g.save("gf_toy_world")
+# 7. The toy world, live: steer the shipped model from the page, nothing to download ---------------------------------
+g = Graph()
+Column(g, -NOTE_WIDTH - GAP).note(
+    "GF toy world, live: runs as it is, with nothing to download. Press Run: the small toy-world model that "
+    "ships with the pack plays in the GF Live Sampler panel. While it plays, type the next sentence and press "
+    "Enter: 'then it bounces', 'then it moves left', 'then it pulses', 'then a small blue square enters'; or "
+    "'cut to the snow where it rests' and press Cut. Only the toy world's words work (the text encoder's "
+    "refusal names the word); the vae input is left empty, so the panel shows the latent preview, which is "
+    "the toy world's true picture. The take comes out as latents, a video and a GF Prompt Timeline script that "
+    "replays it.", (NOTE_WIDTH, 420))
+col = Column(g, 0)
+toy = col.add("GFToyWorldModel")
+words = col.add("GFToyWorldTextEncoder")
+mem = col.add("GFDualMemory")
+live = Column(g, right_of("GFDualMemory")).add(
+    "GFLiveSampler", seed=0, prompt="a big red circle moves right on the grass", width=256, height=256,
+    max_seconds=60.0)
+for src, name in ((toy, "model"), (mem, "memory"), (words, "clip")):
+    g.connect(src, 0, live, name)
+col = Column(g, right_of("GFDualMemory", "GFLiveSampler"))
+save = col.add("SaveVideo", filename_prefix="video/gf_toy_world_live")
+g.connect(live, "video", save, "video")
+script = col.add("PreviewAny", (SIZES["SaveVideo"][0], 300), title="The take as a timeline script")
+g.connect(live, "script", script, "source")
+g.save("gf_toy_world_live")
 print("wrote", ", ".join(sorted(p.name for p in (REPO / "workflows").glob("*.json"))))

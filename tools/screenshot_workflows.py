@@ -6,11 +6,15 @@ Chromium and writes
 - ``workflows/<workflow>.jpg``: the whole graph, the UI hidden (focus mode, no minimap), the picture the
   template browser shows on the workflow's card (both frontends ask for ``<workflow>.jpg`` beside it);
 - ``docs/images/workflow.png``: gf_60s_single_prompt as a user sees it on opening it (the saved view);
-- ``docs/images/workflow_ab.png``: the A/B workflow the same way.
+- ``docs/images/workflow_ab.png``: the A/B workflow the same way;
+- ``docs/images/live_panel.png``: the GF Live Sampler node of gf_toy_world_live during a take, after a
+  sentence typed in its panel took effect and one with an unknown word was refused
+  (tests/test_live_browser.py's toy take).
 
 Run it with the Python of a ComfyUI checkout that has selenium, after tools/make_workflows.py::
 
     GF_COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python tools/screenshot_workflows.py
+    GF_COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python tools/screenshot_workflows.py --live-panel  # that one
 """
 
 import io
@@ -62,10 +66,41 @@ def fit_view(driver, margin: float = 24.0) -> None:
     time.sleep(1.0)  # DOM widgets (the text boxes) follow the canvas on the next frames
 
 
+def live_panel(driver) -> None:
+    """Screenshot the GF Live Sampler node (title to panel) at the canvas's natural scale."""
+    driver.execute_script("""
+        const n = app.graph._nodes.find((n) => n.type === "GFLiveSampler"), ds = app.canvas.ds;
+        ds.scale = 1;
+        ds.offset = [-n.pos[0] + 160, -n.pos[1] + 150];
+        app.canvas.setDirty(true, true);""")
+    time.sleep(1.5)  # DOM widgets (the panel) follow the canvas on the next frames; frames keep playing
+    x, y, w, h, ratio = driver.execute_script("""
+        const n = app.graph._nodes.find((n) => n.type === "GFLiveSampler"), ds = app.canvas.ds;
+        const r = app.canvas.canvas.getBoundingClientRect(), T = LiteGraph.NODE_TITLE_HEIGHT;
+        return [(n.pos[0] + ds.offset[0]) * ds.scale + r.left, (n.pos[1] - T + ds.offset[1]) * ds.scale + r.top,
+                n.size[0] * ds.scale, (n.size[1] + T) * ds.scale, devicePixelRatio];""")
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    m = 6
+    box = [round(v * ratio) for v in (x - m, y - m, x + w + m, y + h + m)]
+    target = REPO / "docs" / "images" / "live_panel.png"
+    image.crop(box).save(target)
+    print("wrote", target.relative_to(REPO))
+
+
+def shoot_live_panel() -> None:
+    with comfy_server(COMFY) as server, chromium_driver(*VIEWPORT) as driver:
+        import conftest  # noqa: F401  (the pack importable as grounded_forcing, as in the tests)
+        from test_live_browser import toy_live_take
+
+        toy_live_take(server, driver, before_stop=live_panel)
+
+
 def main() -> None:
     reason = skip_reason(COMFY)
     if reason:
         raise SystemExit(reason)
+    if sys.argv[1:] == ["--live-panel"]:  # that picture alone
+        return shoot_live_panel()
     models = workflow_models(WORKFLOWS)
     with comfy_server(COMFY, models=models) as server, chromium_driver(*VIEWPORT) as driver:
         driver.get(server.url)
@@ -78,6 +113,7 @@ def main() -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(target))
                 print("wrote", target.relative_to(REPO))
+    shoot_live_panel()
     with comfy_server(COMFY, models=models, settings=PLAIN) as server, chromium_driver(*(2 * side for side in THUMBNAIL)) as driver:
         driver.get(server.url)
         wait_for_app(driver)
