@@ -47,7 +47,16 @@ from .recache import SwitchEvent, Transition, apply_switch
 from .rope import RopeTable
 from .sampler import Schedule, denoise_chunk
 from .transfer import start_download, upload
-from .wan import AttentionFn, TextContext, WanConfig, encode_text, forward_chunk, padding_start
+from .wan import (
+    FOLD_MULTIPLE,
+    AttentionFn,
+    TextContext,
+    WanConfig,
+    encode_text,
+    folded_rows,
+    forward_chunk,
+    padding_start,
+)
 
 
 @dataclass
@@ -398,13 +407,33 @@ def generate(model: nn.Module, segments: list[Segment], memory: str | MemoryPoli
 _WARMED: set[tuple] = set()  # the run shapes this process has warmed up
 
 
+def other_fold_prompt(prompt: torch.Tensor, text_len: int) -> torch.Tensor | None:
+    """A prompt like ``prompt`` [B, L, D] whose folded length (:func:`~gf_core.wan.folded_rows`) is the
+    next one up, or the next one down where ``prompt`` is already at ``text_len``; its rows are copies
+    of the prompt's (only its shapes matter). None where ``text_len`` allows one folded length only."""
+    kept = min(folded_rows(padding_start(prompt)), text_len)
+    target = kept + FOLD_MULTIPLE if kept + FOLD_MULTIPLE <= text_len else kept - FOLD_MULTIPLE
+    if target < FOLD_MULTIPLE or target == kept:
+        return None
+    rows = target - FOLD_MULTIPLE + 1  # the fewest rows of words that fold to ``target``
+    used = max(padding_start(prompt), 1)
+    words = prompt[:, :used] if padding_start(prompt) else torch.ones_like(prompt[:, :1])
+    out = torch.zeros(prompt.shape[0], max(prompt.shape[1], rows), prompt.shape[2], dtype=prompt.dtype,
+                      device=prompt.device)
+    out[:, :rows] = words.repeat(1, -(-rows // used), 1)[:, :rows]
+    return out
+
+
 def warm_up(model: nn.Module, memory: str | MemoryPolicy, config: RunConfig, prompt: torch.Tensor) -> int:
     """Make, and throw away, a short run of ``model`` under ``memory`` and ``config`` that meets the
     shapes an interactive run meets: a switch (the policy's default) at every fill level of the
     memory, a cut and a switch right after it, then the chunks that refill the memory, under
-    ``prompt``. With compiled (fused) blocks this compiles the graphs a later switch or cut needs, so
-    a prompt typed during a live take does not wait for a compile; with eager kernels, or when this
-    process has warmed the same shapes before, it does nothing. Returns the chunks made."""
+    ``prompt``; then, where prompts are folded (:func:`~gf_core.wan.encode_text`), a switch to a prompt
+    of another folded length and a chunk under it, as a typed prompt longer or shorter than the first
+    brings. With compiled (fused) blocks this compiles the graphs (and builds the kernels) a later
+    switch or cut needs, so a prompt typed during a live take does not wait for them; with eager
+    kernels, or when this process has warmed the same shapes before, it does nothing. Returns the
+    chunks made."""
     session = Session(model, memory, config, noise_order="chunk")
     key = (repr(session.model_cfg), repr(session.policy), session.config.latent_hw, session.config.batch_size,
            session.dtype, session.device)
@@ -420,8 +449,15 @@ def warm_up(model: nn.Module, memory: str | MemoryPolicy, config: RunConfig, pro
             if kind is not None:
                 segment = Segment(prompt, chunk, Transition(kind))
             session.step(segment)
+        made = len(plan) + 1
+        other = other_fold_prompt(prompt, session.model_cfg.text_len) if session.kernels.fold_text else None
+        if other is not None:
+            segment = Segment(other, chunk, Transition("default"))
+            session.step(segment)
+            session.step(segment)
+            made += 2
         _WARMED.add(key)
-        return len(plan) + 1
+        return made
     finally:
         session.close()
 

@@ -188,6 +188,24 @@ def test_a_failing_tuned_compile_falls_back_to_the_default_one(model, monkeypatc
     torch.testing.assert_close(fused.latents, plain.latents, atol=1e-5, rtol=1e-5)
 
 
+def test_warm_up_prompt_of_another_folded_length():
+    """warm_up's second prompt folds to the next length up (or down, at the text length), so a typed
+    prompt longer or shorter than the first meets shapes the warm-up met."""
+    from grounded_forcing.gf_core.stream import other_fold_prompt
+    from grounded_forcing.gf_core.wan import FOLD_MULTIPLE, folded_rows, padding_start
+
+    for rows, length, text_len in ((24, 512, 512), (8, 8, 512), (72, 512, 512), (448, 512, 512), (512, 512, 512),
+                                   (0, 512, 512), (100, 200, 512)):
+        p = torch.zeros(1, length, 4)
+        p[:, :rows] = 1.5
+        kept = min(folded_rows(padding_start(p)), text_len)
+        other = other_fold_prompt(p, text_len)
+        again = min(folded_rows(padding_start(other)), text_len)
+        assert abs(again - kept) == FOLD_MULTIPLE and FOLD_MULTIPLE <= again <= text_len, (rows, kept, again)
+        assert other.shape[0] == 1 and other.shape[2] == 4 and other.ne(0).any()
+    assert other_fold_prompt(torch.ones(1, 8, 4), FOLD_MULTIPLE) is None  # one folded length only
+
+
 def test_after_warm_up_a_live_take_compiles_nothing(model, compiler):
     """gf.warm_up before a take: switches of every page choice and cuts, at random chunks, then need no
     new compiled graph (a typed prompt never waits for a compile); a second warm-up does nothing."""
