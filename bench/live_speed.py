@@ -178,7 +178,11 @@ def take(gf, live, model, cfg, size, dtype, device, vae, decoding, args, frames:
     engine.close()
     if error is not None:
         raise error
-    probes = {"compiles": compiles, "counts": counted, "stacks": sampler if args.stacks else None, "profile": profiled}
+    from grounded_forcing.gf_core.wan import folded_rows, padding_start
+
+    folded = {t: folded_rows(padding_start(e)) for t, e in zip(texts, embeddings)}  # text rows each prompt attends
+    probes = {"compiles": compiles, "counts": counted, "stacks": sampler if args.stacks else None, "profile": profiled,
+              "folded": folded}
     return run, clock, probes, collector, began, ended, sink_done - ended, sent_bytes[0]
 
 
@@ -298,6 +302,8 @@ def summarise(run, clock: dict[int, float], probes: dict,
         "graphs_compiled_at_chunk": {str(i): n for i, n in sorted(probes["compiles"].items())},
         "counts_changed_at_chunk": {str(i): c for i, c in sorted(probes["counts"].items())},
         "gcm_replaced_at_chunk": [i for i, e in enumerate(events) if any(u.get("replace") for u in e.get("gcm_updates", []))],
+        "folded_text_rows_at_switch": {str(i): probes["folded"][e["live"]["text"]]
+                                       for i, e in enumerate(events) if e.get("switch")},
         "recached_frames_at_switch": {str(i): sum(1 for a in (e["switch"].get("alpha") or {}).values() if a > 0)
                                       for i, e in enumerate(events) if e.get("switch")},
         "garbage_collector_s_at_chunk": {str(i): round(t, 4) for i, t in sorted(collector.items()) if t >= 0.001},
