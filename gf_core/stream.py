@@ -411,13 +411,14 @@ def other_fold_prompt(prompt: torch.Tensor, text_len: int) -> torch.Tensor | Non
     """A prompt like ``prompt`` [B, L, D] whose folded length (:func:`~gf_core.wan.folded_rows`) is the
     next one up, or the next one down where ``prompt`` is already at ``text_len``; its rows are copies
     of the prompt's (only its shapes matter). None where ``text_len`` allows one folded length only."""
-    kept = min(folded_rows(padding_start(prompt)), text_len)
+    pad = padding_start(prompt)
+    kept = min(folded_rows(pad), text_len)
     target = kept + FOLD_MULTIPLE if kept + FOLD_MULTIPLE <= text_len else kept - FOLD_MULTIPLE
     if target < FOLD_MULTIPLE or target == kept:
         return None
     rows = target - FOLD_MULTIPLE + 1  # the fewest rows of words that fold to ``target``
-    used = max(padding_start(prompt), 1)
-    words = prompt[:, :used] if padding_start(prompt) else torch.ones_like(prompt[:, :1])
+    used = max(pad, 1)
+    words = prompt[:, :pad] if pad else torch.ones_like(prompt[:, :1])
     out = torch.zeros(prompt.shape[0], max(prompt.shape[1], rows), prompt.shape[2], dtype=prompt.dtype,
                       device=prompt.device)
     out[:, :rows] = words.repeat(1, -(-rows // used), 1)[:, :rows]

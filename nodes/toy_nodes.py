@@ -77,7 +77,7 @@ class ToyTextEncoder:
         self.words = words
 
     def tokenize(self, text: str, **_) -> str:
-        self.words.embed(text)  # raises BadInput naming the word or form it does not know
+        tw.parse(text)  # raises BadInput naming the word or form it does not know
         return text
 
     def encode_from_tokens_scheduled(self, tokens: str, **_) -> list:

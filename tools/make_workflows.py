@@ -272,6 +272,14 @@ def output(g, col, sampler, vae, prefix):
     return dec
 
 
+def live_outputs(g, col, live, prefix):
+    """A GF Live Sampler's take kept: its video saved, its script shown."""
+    save = col.add("SaveVideo", filename_prefix=prefix)
+    g.connect(live, "video", save, "video")
+    script = col.add("PreviewAny", (SIZES["SaveVideo"][0], 300), title="The take as a timeline script")
+    g.connect(live, "script", script, "source")
+
+
 # 1. One prompt, 60 s --------------------------------------------------------------------------
 g = Graph()
 Column(g, -NOTE_WIDTH - GAP).note(
@@ -459,11 +467,7 @@ live = Column(g, right_of("CLIPLoader")).add(
                                      "tracking shot, cinematic, highly detailed")
 for src, name in ((model, "model"), (mem, "memory"), (clip, "clip"), (vae, "vae")):
     g.connect(src, 0, live, name)
-col = Column(g, right_of("CLIPLoader", "GFLiveSampler"))
-save = col.add("SaveVideo", filename_prefix="video/gf_live")
-g.connect(live, "video", save, "video")
-script = col.add("PreviewAny", (SIZES["SaveVideo"][0], 300), title="The take as a timeline script")
-g.connect(live, "script", script, "source")
+live_outputs(g, Column(g, right_of("CLIPLoader", "GFLiveSampler")), live, "video/gf_live")
 g.save("gf_live")
 
 # 6. The toy world: the whole pack with the model it ships, nothing to download ------------------------------------------
@@ -494,6 +498,7 @@ save = Column(g, right_of("GFToyWorldTimeline", "GFSampler", "GFToyWorldDecode")
     "SaveVideo", filename_prefix="video/gf_toy_world")
 g.connect(create, 0, save, "video")
 g.save("gf_toy_world")
+
 # 7. The toy world, live: steer the shipped model from the page, nothing to download ---------------------------------
 g = Graph()
 Column(g, -NOTE_WIDTH - GAP).note(
@@ -513,10 +518,6 @@ live = Column(g, right_of("GFDualMemory")).add(
     max_seconds=60.0)
 for src, name in ((toy, "model"), (mem, "memory"), (words, "clip")):
     g.connect(src, 0, live, name)
-col = Column(g, right_of("GFDualMemory", "GFLiveSampler"))
-save = col.add("SaveVideo", filename_prefix="video/gf_toy_world_live")
-g.connect(live, "video", save, "video")
-script = col.add("PreviewAny", (SIZES["SaveVideo"][0], 300), title="The take as a timeline script")
-g.connect(live, "script", script, "source")
+live_outputs(g, Column(g, right_of("GFDualMemory", "GFLiveSampler")), live, "video/gf_toy_world_live")
 g.save("gf_toy_world_live")
 print("wrote", ", ".join(sorted(p.name for p in (REPO / "workflows").glob("*.json"))))
