@@ -314,7 +314,7 @@ def sink_context(chunks: int, sink: int, recent: int) -> list[list[int]]:
     return out
 
 
-def draw_context(rng: random.Random, chunks: int, max_gap: int = 0) -> Layout:
+def draw_context(rng: random.Random, chunks: int, max_gap: int = 0, relative: float = 0.0) -> Layout:
     """This step's layout, as the memories lay a chunk's context out at sampling time:
 
     - every earlier frame at its frame index (Self-Forcing's whole cache);
@@ -323,9 +323,14 @@ def draw_context(rng: random.Random, chunks: int, max_gap: int = 0) -> Layout:
     - three anchor frames (the window's first chunk) plus the newest 6 or 9, the anchors either all
       at temporal index 0 (Dual-Reference RoPE's global memory) or at 0, 1, 2 (a sink), and, half of
       the time, held from up to ``max_gap`` frames earlier in the story: the context of a chunk
-      long after its anchors, at the indices the bounded rules give it (the chunk ending at 20).
+      long after its anchors, at the indices the bounded rules give it (the chunk ending at 20);
+    - with ``relative`` (a share of the steps), Infinity-RoPE's block-relative layout for one chunk
+      (:func:`block_relative_layout`).
     """
     u = rng.random()
+    if relative and chunks > 2 and rng.random() < relative:
+        gap = CHUNK * rng.randint(0, max_gap // CHUNK) if max_gap >= CHUNK and rng.random() < 0.5 else 0
+        return block_relative_layout(chunks, rng.randint(2, chunks - 1), gap)
     if u < 0.3:
         return Layout("all", [list(range(c * CHUNK)) for c in range(chunks)])
     if u < 0.55:
@@ -338,6 +343,21 @@ def draw_context(rng: random.Random, chunks: int, max_gap: int = 0) -> Layout:
     shared = rng.random() < 0.6
     clean = [0] * CHUNK + list(range(CHUNK, frames)) if shared else list(range(frames))
     return Layout(f"anchors+{recent}", sink_context(chunks, CHUNK, recent), gap, clean, (1,) if gap else ())
+
+
+def block_relative_layout(chunks: int, chunk: int, gap: int = 0) -> Layout:
+    """Infinity-RoPE's context for window chunk ``chunk`` (>= 2): a sink (the first frame of the window's
+    first chunk, a story's first) and the newest 2 frames, numbered 0, 1, 2 with the chunk at 3-5
+    whatever its frame (gf_core.memory's "block_relative" rule). Indices count only as differences, so
+    the first chunk's clean frames sit at 3 * chunk - 3 onwards, putting the sink 3 frames before the
+    chunk as that rule does, while the newest two keep their frame indices. The other chunks see the
+    frames after the first chunk at frame indices (a window from mid-story: the second chunk, seeing
+    nothing, does not train); with ``gap``, story frames left out after the first chunk."""
+    context = [[]] + [list(range(CHUNK, c * CHUNK)) for c in range(1, chunks)]
+    start = chunk * CHUNK
+    context[chunk] = [0, start - 2, start - 1]
+    clean = list(range(start - CHUNK, start)) + list(range(CHUNK, chunks * CHUNK))
+    return Layout(f"relative{chunk}", context, gap, clean, (1,))
 
 
 def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.Tensor,
@@ -417,7 +437,7 @@ def train(args: argparse.Namespace) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
-        layout = draw_context(rng, chunks, MAX_GAP)
+        layout = draw_context(rng, chunks, MAX_GAP, args.relative)
         kind, context = layout.kind, layout.context
         x0, subject, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g, layout.gap, args.story_starts)
         pixel_weight = 1.0 + args.subject_weight * subject.float()  # [B, F, h, w]
@@ -604,6 +624,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--self-context", type=float, default=0.0, metavar="P",
                     help="share of the steps whose context frames are the model's own one-step pictures of the "
                          "window (own_context) instead of the true frames; the targets stay the truth")
+    ap.add_argument("--relative", type=float, default=0.0, metavar="P",
+                    help="share of the steps laid out as Infinity-RoPE's block-relative rule lays one chunk out "
+                         "(block_relative_layout)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--attention", choices=("auto", "sdpa", "flex"), default="auto",
                     help="self-attention kernel: flex (compiled FlexAttention, skips masked blocks), sdpa; "

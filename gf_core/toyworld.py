@@ -562,6 +562,8 @@ def load_model(folder: str | os.PathLike | None = None, dtype: torch.dtype = tor
 COLOUR_MATCH = 0.3  # a pixel within this RGB distance of a palette colour belongs to that colour
 VISIBLE = 0.9  # a subject counts where at least this fraction of it is inside the frame
 TEMPLATE_SCALES = (0.8, 0.9, 1.0, 1.1, 1.2)
+CENTRE_SHIFTS = (-0.5, 0.0, 0.5)  # pixels a template is moved either way from the box centre
+COVER_FLOOR = 0.2  # a colour covering less of a pixel than this counts as absent there
 
 
 @dataclass
@@ -596,33 +598,69 @@ def _templates(size: int, device: torch.device | str) -> tuple[torch.Tensor, tor
     return torch.tensor(shapes, device=device), torch.tensor(radii, device=device), names
 
 
-def detect(masks: torch.Tensor, batch: int = 256) -> list[Detection]:
-    """Classify pixels of one colour each, masks [N, H, W] (bool), by the shape template that
-    overlaps them best, placed at the pixels' bounding-box centre (a triangle's centre is the
-    middle of its box too); fewer than 3 pixels: not found."""
-    n, size = masks.shape[0], masks.shape[-1]
+def row_backgrounds(rgb: torch.Tensor) -> torch.Tensor:
+    """Frames [F, 3, H, W] -> the background colour of every row [F, 3, H, 1]: the median of the row's
+    pixels that are no palette colour's, or of the nearest such row where a row has fewer than 4 (every
+    scene is the same across a row, but for a few stars)."""
+    palette = torch.tensor(list(COLOURS.values()), device=rgb.device).view(1, -1, 3, 1, 1)
+    coloured = ((rgb.unsqueeze(1) - palette).norm(dim=2) < COLOUR_MATCH).any(1)  # [F, H, W]
+    median = torch.where(coloured.unsqueeze(1), torch.nan, rgb).nanmedian(dim=3, keepdim=True).values
+    enough = (~coloured).sum(2) >= 4  # [F, H]
+    frames, height = enough.shape
+    rows = torch.arange(height, device=rgb.device, dtype=torch.float32)
+    distance = (rows.view(-1, 1) - rows.view(1, -1)).abs().expand(frames, height, height)
+    source = torch.where(enough.unsqueeze(1), distance, torch.inf).argmin(2)  # [F, H]: the row to take
+    return torch.gather(median, 2, source.view(frames, 1, height, 1).expand(frames, 3, height, 1))
+
+
+def colour_cover(rgb: torch.Tensor) -> torch.Tensor:
+    """Frames [F, 3, H, W] -> how much of each pixel each palette colour covers [F, len(COLOURS), H, W]
+    in [0, 1]: the pixel read as a blend of the colour over its row's background (:func:`row_backgrounds`),
+    as the world draws a subject's edge; 0 where the pixel is no such blend (off that line by
+    :data:`COLOUR_MATCH` or more) or the colour covers less than :data:`COVER_FLOOR` of it."""
+    background = row_backgrounds(rgb).unsqueeze(1)  # [F, 1, 3, H, 1]
+    palette = torch.tensor(list(COLOURS.values()), device=rgb.device).view(1, -1, 3, 1, 1)
+    pixel, towards = rgb.unsqueeze(1) - background, palette - background
+    share = ((pixel * towards).sum(2) / (towards * towards).sum(2).clamp_min(1e-4)).clamp(0, 1)  # [F, K, H, W]
+    off_line = (pixel - share.unsqueeze(2) * towards).norm(dim=2)
+    return torch.where((off_line < COLOUR_MATCH) & (share >= COVER_FLOOR), share, torch.zeros_like(share))
+
+
+def detect(cover: torch.Tensor, batch: int = 64) -> list[Detection]:
+    """Classify the cover of one colour each, [N, H, W] in [0, 1] (:func:`colour_cover`), by the shape
+    template whose anti-aliased coverage overlaps it best (soft IoU: sum of minima over sum of maxima),
+    placed at the centre of the box of the pixels it covers more than half of (a triangle's centre is
+    the middle of its box too) and up to half a pixel either way; fewer than 3 such pixels: not found.
+
+    The overlap is soft because a small subject's shape is in its edge pixels: a small square and a
+    small circle differ in a few partly covered pixels, which a yes/no mask of the colour loses."""
+    n, size = cover.shape[0], cover.shape[-1]
     unit = WORLD / size
-    shapes, radii, names = _templates(size, masks.device)
+    shapes, radii, names = _templates(size, cover.device)
+    shifts = torch.tensor([(sx, sy) for sx in CENTRE_SHIFTS for sy in CENTRE_SHIFTS], device=cover.device) * unit
+    placed = len(names) * len(shifts)
     out: list[Detection] = [Detection(False)] * n
-    count = masks.flatten(1).sum(1)
-    index = (count >= 3).nonzero().flatten()
-    coords = torch.arange(size, device=masks.device, dtype=torch.float32)
+    solid = cover > 0.5
+    index = (solid.flatten(1).sum(1) >= 3).nonzero().flatten()
+    coords = torch.arange(size, device=cover.device, dtype=torch.float32)
     big = float(size + 1)
     for part in index.split(batch):
-        m = masks[part]  # [P, H, W]
+        m, c = solid[part], cover[part]  # [P, H, W]
         rows, cols = m.any(2), m.any(1)  # [P, H], [P, W]
         y0 = torch.where(rows, coords, big).min(1).values * unit
         y1 = (torch.where(rows, coords, -1.0).max(1).values + 1) * unit
         x0 = torch.where(cols, coords, big).min(1).values * unit
         x1 = (torch.where(cols, coords, -1.0).max(1).values + 1) * unit
-        cx, cy = ((x0 + x1) / 2).repeat_interleave(len(names)), ((y0 + y1) / 2).repeat_interleave(len(names))
-        cover = coverage(shapes.repeat(len(part)), cx, cy, radii.repeat(len(part)), size) > 0.5
-        cover = cover.view(len(part), len(names), size, size)
-        inter = (cover & m.unsqueeze(1)).flatten(2).sum(2).float()
-        union = (cover | m.unsqueeze(1)).flatten(2).sum(2).float()
-        iou, best = (inter / union.clamp_min(1)).max(1)
+        p = len(part)
+        cx = (((x0 + x1) / 2).view(p, 1, 1) + shifts[:, 0].view(1, -1, 1)).expand(p, len(shifts), len(names))
+        cy = (((y0 + y1) / 2).view(p, 1, 1) + shifts[:, 1].view(1, -1, 1)).expand(p, len(shifts), len(names))
+        template = coverage(shapes.repeat(p * len(shifts)), cx.reshape(-1), cy.reshape(-1),
+                            radii.repeat(p * len(shifts)), size).view(p, placed, size, size)
+        inter = torch.minimum(template, c.unsqueeze(1)).flatten(2).sum(2)
+        union = torch.maximum(template, c.unsqueeze(1)).flatten(2).sum(2)
+        iou, best = (inter / union.clamp_min(1e-6)).max(1)
         for j, k in enumerate(part.tolist()):
-            b = int(best[j])
+            b = int(best[j]) % len(names)
             out[k] = Detection(True, names[b][0], names[b][1], float(iou[j]), float((x0[j] + x1[j]) / 2),
                                float((y0[j] + y1[j]) / 2), float(y1[j] - y0[j]))
     return out
@@ -631,8 +669,7 @@ def detect(masks: torch.Tensor, batch: int = 256) -> list[Detection]:
 def decode_detections(latents: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Detection]]]:
     """Latents [1, 16, F, H, W] -> RGB frames [F, 3, H, W] and per frame a detection per colour."""
     rgb = to_rgb(latents)[0]
-    masks = colour_masks(rgb)  # [F, colours, H, W]
-    found = detect(masks.flatten(0, 1))
+    found = detect(colour_cover(rgb).flatten(0, 1))
     k = len(COLOURS)
     return rgb, [dict(zip(COLOURS, found[f * k:(f + 1) * k])) for f in range(rgb.shape[0])]
 

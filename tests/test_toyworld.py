@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import capture_kv, commit, tiny_model
+from helpers import StubKV, capture_kv, commit, tiny_model
 
 import gf_core as gf
 from gf_core import toyworld as tw
@@ -92,11 +92,13 @@ def test_bad_prompts_say_what_works():
 # -- training ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("context,kernel", [("all", "sdpa"), ("sink", "sdpa"), ("sink", "flex"), ("anchors", "sdpa")])
+@pytest.mark.parametrize("context,kernel", [("all", "sdpa"), ("sink", "sdpa"), ("sink", "flex"), ("anchors", "sdpa"),
+                                            ("relative", "sdpa")])
 def test_training_forward_equals_cached_chunk_forward(context, kernel):
     """The masked [clean | noisy] forward of chunk 2 is forward_chunk of chunk 2 after the cache holds
     chunks 0-1 encoded at the cache-pass timestep (each chunk under its own prompt), float32; with
-    "anchors", chunk 0's frames sit at temporal index 0 wherever they are keys or clean queries."""
+    "anchors", chunk 0's frames sit at temporal index 0 wherever they are keys or clean queries; with
+    "relative" (block_relative_layout), chunk 1 is encoded with no context and chunk 0 one chunk later."""
     train = _train_module()
     model = tiny_model()
     cfg = gf.WanConfig.from_module(model)
@@ -108,6 +110,10 @@ def test_training_forward_equals_cached_chunk_forward(context, kernel):
     prompts = torch.cat([torch.randn(1, 3, 5, cfg.text_dim, generator=g), torch.zeros(1, 3, 2, cfg.text_dim)], dim=2)
     ctx = [[], [0, 1, 2], [0, 4, 5]] if context == "sink" else [[], [0, 1, 2], [0, 1, 2, 3, 4, 5]]
     index = [0, 0, 0] + list(range(3, frames)) if context == "anchors" else list(range(frames))
+    if context == "relative":
+        layout = train.block_relative_layout(3, 2)
+        ctx, index = layout.context, layout.clean_index
+        assert ctx == [[], [], [0, 4, 5]] and index == [3, 4, 5] + list(range(3, frames))
     rope = RopeTable(cfg.head_dim)
     flex = block_mask = None
     if kernel == "flex":
@@ -137,7 +143,7 @@ def test_training_forward_equals_cached_chunk_forward(context, kernel):
         v_chunk = forward_chunk(model, noisy[:, :, 6:9], timesteps[:, 2], encode_text(model, prompts[:, 2]),
                                    source, [6, 7, 8], rope, "float32")
     assert (v_train[:, :, 6:9] - v_chunk).abs().max() < 1e-5
-    if context == "anchors":  # the indices matter: at frame indices the answer differs
+    if context in ("anchors", "relative"):  # the indices matter: at frame indices the answer differs
         with torch.no_grad():
             v_frames = train.train_forward(model, clean, noisy, timesteps, prompts, ctx, rope)
         assert (v_frames[:, :, 6:9] - v_chunk).abs().max() > 1e-3
@@ -187,6 +193,31 @@ def test_training_layouts_are_those_the_memories_sample_with():
         else:
             assert layout.gap == 0 and layout.clean_index is None
     assert kinds == {"all", "sink", "anchors"} and gaps == {True, False} and shared == {True, False}
+
+
+def test_block_relative_layout_is_infinity_ropes():
+    """Each chunk the block-relative layout trains sees what Infinity-RoPE's memory holds before it (the
+    first frame and the newest two) at the same index differences from the chunk as that policy's plan
+    gives them, for every chunk of the window it can train."""
+    train = _train_module()
+    policy = gf.infinity_rope()
+    mem = Memory(policy, 3, 1)
+    stub = StubKV()
+    plans = {}
+    for c in range(7):
+        plan = mem.plan(3 * c, 3)
+        plans[c] = ([f.index for _, f in plan.keys], [k - plan.query_index[0] for k in plan.key_index])
+        commit(mem, 3 * c, stub.latents(3), stub.kv(3), 0)
+    for chunk in range(2, 7):
+        layout = train.block_relative_layout(7, chunk)
+        frames, offsets = plans[chunk]
+        assert layout.context[chunk] == frames
+        assert [layout.clean_index[f] - 3 * chunk for f in frames] == offsets == [-3, -2, -1]
+        assert all(all(f < 3 * c for f in ctx) for c, ctx in enumerate(layout.context))
+        assert max(layout.clean_index) <= 20 and layout.untrained == (1,)
+    rng = random.Random(0)
+    drawn = {train.draw_context(rng, 7, train.MAX_GAP, relative=0.5).kind for _ in range(200)}
+    assert {f"relative{c}" for c in range(2, 7)} <= drawn
 
 
 def test_training_starts_from_a_shipped_model():
