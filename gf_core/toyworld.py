@@ -602,8 +602,7 @@ def row_backgrounds(rgb: torch.Tensor) -> torch.Tensor:
     """Frames [F, 3, H, W] -> the background colour of every row [F, 3, H, 1]: the median of the row's
     pixels that are no palette colour's, or of the nearest such row where a row has fewer than 4 (every
     scene is the same across a row, but for a few stars)."""
-    palette = torch.tensor(list(COLOURS.values()), device=rgb.device).view(1, -1, 3, 1, 1)
-    coloured = ((rgb.unsqueeze(1) - palette).norm(dim=2) < COLOUR_MATCH).any(1)  # [F, H, W]
+    coloured = colour_masks(rgb).any(1)  # [F, H, W]
     median = torch.where(coloured.unsqueeze(1), torch.nan, rgb).nanmedian(dim=3, keepdim=True).values
     enough = (~coloured).sum(2) >= 4  # [F, H]
     frames, height = enough.shape
