@@ -18,7 +18,8 @@ possibly held from earlier in the story. ``--init`` goes on from a trained (or s
 ``--frames 3 --story-starts 1`` trains the first chunk of a story alone: the picture drawn from the
 prompt with nothing before it, which a sampled video copies from then on (``--prompt-weight``
 weighs such chunks inside longer windows). ``--self-context P`` gives a share P of the steps the
-model's own pictures as context (:func:`own_context`), as a sampled video has them.
+model's own pictures as context (:func:`own_context`), as a sampled video has them;
+``--self-context-passes N`` makes them from its own pictures N deep, as after N sampled chunks.
 A chunk's loss counts only where its picture is determined: every subject it shows is
 named by its prompt or visible in a frame it attends to, and a window that starts mid-story
 does not train its first chunk. Pixels at and around a subject weigh ``1 + --subject-weight``
@@ -204,16 +205,24 @@ def train_forward(
 
 def own_context(model: torch.nn.Module, x0: torch.Tensor, eps: torch.Tensor, sigma: float, timestep: torch.Tensor,
                 prompts: torch.Tensor, context: list[list[int]], rope: RopeTable, flex=None, block_mask=None,
-                clean_index: list[int] | None = None) -> torch.Tensor:
+                clean_index: list[int] | None = None, passes: int = 1) -> torch.Tensor:
     """The model's own pictures of a window, to stand in for its true frames as context: every chunk
     predicted in one step from its true picture noised to ``sigma`` (the sampler's last level), each
     chunk seeing the true frames of its context. No gradient. A sampled video's context is the model's
-    output, not the truth; training on this teaches the next chunk to go on from an imperfect picture."""
+    output, not the truth; training on this teaches the next chunk to go on from an imperfect picture.
+
+    With ``passes`` > 1 the pictures are made again, each pass seeing the previous pass's pictures as
+    its context, so a chunk's picture carries the errors of up to ``passes`` chunks made one on
+    another, as a sampled video's does after that many chunks. Every pass noises the truth with the
+    same ``eps``: a chunk sees only earlier chunks, each made from its own noise, as in sampling."""
     with torch.no_grad():
-        rough = (1 - sigma) * x0 + sigma * eps
         steps = timestep.view(1, 1).expand(x0.shape[0], x0.shape[2] // CHUNK)
-        v = train_forward(model, x0, rough, steps, prompts, context, rope, flex, block_mask, clean_index)
-        return (rough - sigma * v.float()).detach()
+        rough = (1 - sigma) * x0 + sigma * eps
+        seen = x0
+        for _ in range(passes):
+            v = train_forward(model, seen, rough, steps, prompts, context, rope, flex, block_mask, clean_index)
+            seen = (rough - sigma * v.float()).detach()
+        return seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +467,7 @@ def train(args: argparse.Namespace) -> dict:
                 if own:
                     clean = own_context(model, x0, torch.randn(x0.shape, generator=noise, device=device),
                                         float(sigmas[-1]), timesteps[-1], table[prompt_ids], context, rope, flex,
-                                        block_mask, layout.clean_index)
+                                        block_mask, layout.clean_index, args.self_context_passes)
                 v = train_forward(model, clean, noisy, timesteps[level], table[prompt_ids], context, rope,
                                   flex, block_mask, layout.clean_index)
             err = (v.float() - (eps - x0)).pow(2).mean(dim=1) * pixel_weight  # [B, F, h, w]
@@ -624,6 +633,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--self-context", type=float, default=0.0, metavar="P",
                     help="share of the steps whose context frames are the model's own one-step pictures of the "
                          "window (own_context) instead of the true frames; the targets stay the truth")
+    ap.add_argument("--self-context-passes", type=int, default=1, metavar="N",
+                    help="with --self-context: make the own pictures N times, each pass from the previous one's, "
+                         "so the context carries the errors of N chunks made one on another")
     ap.add_argument("--relative", type=float, default=0.0, metavar="P",
                     help="share of the steps laid out as Infinity-RoPE's block-relative rule lays one chunk out "
                          "(block_relative_layout)")
@@ -641,6 +653,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.frames % CHUNK or args.frames < CHUNK:
         ap.error(f"--frames {args.frames} is not a positive multiple of {CHUNK}")
+    if args.self_context_passes < 1:
+        ap.error(f"--self-context-passes {args.self_context_passes} is below 1; give 1 or more passes")
     result = train(args)
     summary = (f"trained {result['parameters'] / 1e6:.2f}M parameters for {result['steps']} steps "
                f"({result['clips_seen']} clips) in {result['train_seconds']:.0f} s on {result['device']}; "

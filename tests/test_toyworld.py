@@ -294,12 +294,47 @@ def test_own_context_is_the_models_picture_of_the_window():
     assert (own - x0).abs().mean() > 1e-3
 
 
+def test_own_context_passes_reach_the_chunk_by_chunk_rollout():
+    """--self-context-passes: pass k sees pass k-1's pictures, so chunk c's picture carries c chunks
+    made one on another. After as many passes as chunks nothing changes any more, and that fixed
+    point is the rollout made one chunk at a time, each from the pictures before it."""
+    from gf_core.rope import RopeTable
+    from gf_core.sampler import Schedule
+
+    train = _train_module()
+    model = tw.load_model(dtype=torch.float32)
+    cfg = gf.WanConfig.from_module(model)
+    story = tw.play([("a big red circle bounces on the grass", 9)])
+    x0 = tw.story_latents(story)
+    e = tw.load_words().embed(story.sentences[0].text)
+    prompts = torch.zeros(1, 3, train.MAX_WORDS, e.shape[-1])
+    prompts[0, :, : e.shape[1]] = e[0]
+    schedule = Schedule.few_step()
+    sigma, timestep = float(schedule.sigmas[-1]), schedule.timesteps[-1]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    context, rope = [[], [0, 1, 2], [0, 4, 5]], RopeTable(cfg.head_dim)
+    made = {n: train.own_context(model, x0, eps, sigma, timestep, prompts, context, rope, passes=n) for n in (1, 2, 3, 4)}
+    assert (made[1][:, :, :3] - made[2][:, :, :3]).abs().max() < 1e-6  # the first chunk sees nothing
+    assert (made[1][:, :, 3:] - made[2][:, :, 3:]).abs().mean() > 1e-4
+    assert (made[3] - made[4]).abs().max() < 1e-5
+    rollout = x0.clone()
+    for c in range(3):
+        end = 3 * (c + 1)
+        rough = (1 - sigma) * x0[:, :, :end] + sigma * eps[:, :, :end]
+        v = train.train_forward(model, rollout[:, :, :end], rough, timestep.view(1, 1).expand(1, c + 1),
+                                prompts[:, : c + 1], context[: c + 1], rope)
+        rollout[:, :, end - 3:end] = (rough - sigma * v.float())[:, :, end - 3:end]
+    assert (made[3] - rollout).abs().max() < 1e-4
+
+
 def test_training_with_its_own_context_runs(tmp_path):
     train = _train_module()
     train.main(["--device", "cpu", "--steps", "3", "--batch", "2", "--size", "8", "--frames", "6", "--layers", "1",
-                "--ffn", "256", "--stories", "4", "--self-context", "1", "--out", str(tmp_path), "--no-eval"])
+                "--ffn", "256", "--stories", "4", "--self-context", "1", "--self-context-passes", "2",
+                "--out", str(tmp_path), "--no-eval"])
     saved = json.loads((tmp_path / "train.json").read_text())
-    assert saved["settings"]["self_context"] == 1.0 and saved["steps"] == 3
+    assert saved["settings"]["self_context"] == 1.0 and saved["settings"]["self_context_passes"] == 2
+    assert saved["steps"] == 3
 
 
 def test_training_script_runs_and_its_weights_load(tmp_path):
