@@ -20,6 +20,9 @@ prompt with nothing before it, which a sampled video copies from then on (``--pr
 weighs such chunks inside longer windows). ``--self-context P`` gives a share P of the steps the
 model's own pictures as context (:func:`own_context`), as a sampled video has them;
 ``--self-context-passes N`` makes them from its own pictures N deep, as after N sampled chunks.
+``--relative P`` lays a share P of the steps out as Infinity-RoPE does (:func:`block_relative_layout`);
+with ``--relative-frames F`` those steps take F-frame windows (batch ``--relative-batch``), the
+others stay at ``--frames``.
 A chunk's loss counts only where its picture is determined: every subject it shows is
 named by its prompt or visible in a frame it attends to, and a window that starts mid-story
 does not train its first chunk. Pixels at and around a subject weigh ``1 + --subject-weight``
@@ -414,6 +417,8 @@ def train(args: argparse.Namespace) -> dict:
     words = tw.Words(tw.word_table(cfg.text_dim))
     began = time.perf_counter()
     pool = Pool(args.stories, args.frames, args.seed, device)
+    # --relative-frames: the block-relative steps take windows of their own length from a pool of their own
+    short = Pool(args.stories, args.relative_frames, args.seed, device) if args.relative_frames else None
     data_seconds = time.perf_counter() - began
     table = torch.zeros(len(SENTENCES), MAX_WORDS, cfg.text_dim)
     for i, text in enumerate(SENTENCES):
@@ -434,7 +439,10 @@ def train(args: argparse.Namespace) -> dict:
         from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
-        flex_masks = FlexMasks(args.frames, (args.size // cfg.patch_size[1]) * (args.size // cfg.patch_size[2]), device)
+        tokens = (args.size // cfg.patch_size[1]) * (args.size // cfg.patch_size[2])
+        flex_masks = {args.frames: FlexMasks(args.frames, tokens, device)}
+        if short is not None:
+            flex_masks[args.relative_frames] = FlexMasks(args.relative_frames, tokens, device)
     budget = args.minutes * 60
     curve, window, step = [], [], 0
     start = time.perf_counter()
@@ -446,23 +454,28 @@ def train(args: argparse.Namespace) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
-        layout = draw_context(rng, chunks, MAX_GAP, args.relative)
-        kind, context = layout.kind, layout.context
-        x0, subject, prompt_ids, visible, named, first_ok = pool.batch(args.batch, args.size, g, layout.gap, args.story_starts)
+        if short is not None and rng.random() < args.relative:
+            frames, size, source = args.relative_frames, args.relative_batch or args.batch, short
+            layout = draw_context(rng, frames // CHUNK, MAX_GAP, 1.0)
+        else:
+            frames, size, source = args.frames, args.batch, pool
+            layout = draw_context(rng, chunks, MAX_GAP, 0.0 if short is not None else args.relative)
+        kind, context, n = layout.kind, layout.context, frames // CHUNK
+        x0, subject, prompt_ids, visible, named, first_ok = source.batch(size, args.size, g, layout.gap, args.story_starts)
         pixel_weight = 1.0 + args.subject_weight * subject.float()  # [B, F, h, w]
         weights = chunk_weights(context, visible, named, first_ok, args.prompt_weight)  # [B, C]
         for c in layout.untrained:
             weights[:, c] = 0
         batch = x0.shape[0]
-        level = torch.randint(len(schedule), (batch, chunks), generator=noise, device=device)
-        sigma = sigmas[level].repeat_interleave(CHUNK, dim=1).view(batch, 1, args.frames, 1, 1)
+        level = torch.randint(len(schedule), (batch, n), generator=noise, device=device)
+        sigma = sigmas[level].repeat_interleave(CHUNK, dim=1).view(batch, 1, frames, 1, 1)
         eps = torch.randn(x0.shape, generator=noise, device=device)
         noisy = (1 - sigma) * x0 + sigma * eps
         clean = x0 + args.context_noise * torch.randn(x0.shape, generator=noise, device=device)
         own = bool(args.self_context) and rng.random() < args.self_context
         opt.zero_grad(set_to_none=True)
         try:
-            block_mask = flex_masks.get(kind, frame_mask(context, device)) if flex is not None else None
+            block_mask = flex_masks[frames].get(kind, frame_mask(context, device)) if flex is not None else None
             with autocast:
                 if own:
                     clean = own_context(model, x0, torch.randn(x0.shape, generator=noise, device=device),
@@ -471,15 +484,18 @@ def train(args: argparse.Namespace) -> dict:
                 v = train_forward(model, clean, noisy, timesteps[level], table[prompt_ids], context, rope,
                                   flex, block_mask, layout.clean_index)
             err = (v.float() - (eps - x0)).pow(2).mean(dim=1) * pixel_weight  # [B, F, h, w]
-            err = err.unflatten(1, (chunks, CHUNK)).sum(dim=(2, 3, 4))
-            err = err / pixel_weight.unflatten(1, (chunks, CHUNK)).sum(dim=(2, 3, 4))  # [B, C]
+            err = err.unflatten(1, (n, CHUNK)).sum(dim=(2, 3, 4))
+            err = err / pixel_weight.unflatten(1, (n, CHUNK)).sum(dim=(2, 3, 4))  # [B, C]
             loss = (err * weights).sum() / weights.sum().clamp_min(1)
             loss.backward()
         except torch.OutOfMemoryError:
-            if step or args.batch < 2:
+            if step or size < 2:
                 raise
-            args.batch //= 2  # the first step did not fit: halve the batch and go on
-            print(f"out of memory at the first step; batch {args.batch}", flush=True)
+            if source is short:  # the first step of its kind did not fit: halve that batch and go on
+                args.relative_batch = size // 2
+            else:
+                args.batch //= 2
+            print(f"out of memory at the first step; batch {size // 2}", flush=True)
             continue
         except Exception as e:
             if flex is None:
@@ -639,6 +655,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--relative", type=float, default=0.0, metavar="P",
                     help="share of the steps laid out as Infinity-RoPE's block-relative rule lays one chunk out "
                          "(block_relative_layout)")
+    ap.add_argument("--relative-frames", type=int, default=0, metavar="F",
+                    help="with --relative: the block-relative steps take windows of F frames (a multiple of 3, "
+                         "at least 9) instead of --frames, so they can be many and cheap beside full-length steps")
+    ap.add_argument("--relative-batch", type=int, default=0, metavar="B",
+                    help="with --relative-frames: the batch of those steps (default --batch)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--attention", choices=("auto", "sdpa", "flex"), default="auto",
                     help="self-attention kernel: flex (compiled FlexAttention, skips masked blocks), sdpa; "
@@ -653,6 +674,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.frames % CHUNK or args.frames < CHUNK:
         ap.error(f"--frames {args.frames} is not a positive multiple of {CHUNK}")
+    if args.relative_frames and (args.relative_frames % CHUNK or args.relative_frames < 3 * CHUNK):
+        ap.error(f"--relative-frames {args.relative_frames} is not a multiple of {CHUNK} of at least {3 * CHUNK}: "
+                 f"a block-relative window needs a chunk with a sink and two frames before it")
+    if args.relative_frames and not args.relative:
+        ap.error("--relative-frames sets the window of the block-relative steps; give their share with --relative P")
     if args.self_context_passes < 1:
         ap.error(f"--self-context-passes {args.self_context_passes} is below 1; give 1 or more passes")
     result = train(args)

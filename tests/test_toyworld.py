@@ -337,6 +337,23 @@ def test_training_with_its_own_context_runs(tmp_path):
     assert saved["steps"] == 3
 
 
+def test_block_relative_steps_take_windows_of_their_own_length(tmp_path, capsys):
+    """--relative-frames: the block-relative steps train on windows of that length and batch, beside
+    the full-length windows of the other steps; a window too short for the layout is refused."""
+    train = _train_module()
+    base = ["--device", "cpu", "--size", "8", "--layers", "1", "--ffn", "256", "--stories", "4", "--no-eval",
+            "--log-every", "1", "--out", str(tmp_path)]
+    train.main(base + ["--steps", "2", "--frames", "6", "--relative", "1", "--relative-frames", "9",
+                       "--relative-batch", "3"])
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert saved["steps"] == 2 and all(p["context"] == "relative2" for p in saved["loss_curve"] if "context" in p)
+    for bad, needs in ((["--relative", "0.5", "--relative-frames", "6"], "at least 9"),
+                       (["--relative-frames", "9"], "--relative P")):
+        with pytest.raises(SystemExit):
+            train.main(base + ["--steps", "1"] + bad)
+        assert needs in capsys.readouterr().err
+
+
 def test_training_script_runs_and_its_weights_load(tmp_path):
     train = _train_module()
     train.main(["--device", "cpu", "--steps", "2", "--batch", "2", "--size", "8", "--frames", "6", "--layers", "1",
