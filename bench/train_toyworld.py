@@ -444,7 +444,7 @@ def train(args: argparse.Namespace) -> dict:
         if short is not None:
             flex_masks[args.relative_frames] = FlexMasks(args.relative_frames, tokens, device)
     budget = args.minutes * 60
-    curve, window, step = [], [], 0
+    curve, window, step, clips = [], [], 0, 0
     start = time.perf_counter()
     while True:
         elapsed = time.perf_counter() - start
@@ -507,6 +507,7 @@ def train(args: argparse.Namespace) -> dict:
         opt.step()
         window.append(float(loss.detach()))
         step += 1
+        clips += batch
         if step % args.log_every == 0 or step == 1:
             curve.append({"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": sum(window) / len(window),
                           "lr": lr, "context": kind})
@@ -536,7 +537,7 @@ def train(args: argparse.Namespace) -> dict:
         "train_seconds": round(seconds, 1),
         "steps": step,
         "attention": "flex" if flex is not None else "sdpa",
-        "clips_seen": step * args.batch,
+        "clips_seen": clips,
         "final_loss": curve[-1]["loss"] if curve else None,
         "loss_curve": curve,
     }

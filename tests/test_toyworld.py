@@ -347,6 +347,7 @@ def test_block_relative_steps_take_windows_of_their_own_length(tmp_path, capsys)
                        "--relative-batch", "3"])
     saved = json.loads((tmp_path / "train.json").read_text())
     assert saved["steps"] == 2 and all(p["context"] == "relative2" for p in saved["loss_curve"] if "context" in p)
+    assert saved["clips_seen"] == 6  # two steps of the block-relative batch
     for bad, needs in ((["--relative", "0.5", "--relative-frames", "6"], "at least 9"),
                        (["--relative-frames", "9"], "--relative P")):
         with pytest.raises(SystemExit):
