@@ -12,7 +12,6 @@ indices and how much its short context.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import replace
@@ -21,6 +20,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from report import write_json  # noqa: E402
 
 import gf_core as gf  # noqa: E402
 from gf_core import toyworld as tw  # noqa: E402
@@ -52,9 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows[name] = scores
         print(f"{name}: identity over the first 21 frames per seed {scores}", flush=True)
     result = {"prompt": args.prompt, "seeds": args.seeds, "device": "cpu", "torch": torch.__version__, "rows": rows}
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(result, args.out)
     return result
 
 

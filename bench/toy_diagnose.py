@@ -20,7 +20,6 @@ prompt worse than it keeps one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import train_toyworld as train  # noqa: E402
+from report import write_json  # noqa: E402
 
 from gf_core import toyworld as tw  # noqa: E402
 from gf_core.rope import RopeTable  # noqa: E402
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         for name in ("first_chunk", "third_chunk"):
             print(f"{result['model']}: {name}: identity per noise level {result['sigmas']}: {result[name]}")
     result = results[0] if len(results) == 1 else results
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(result, args.out)
     return result
 
 

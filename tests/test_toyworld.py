@@ -271,24 +271,31 @@ def test_first_chunk_training_runs(tmp_path):
     assert result is None and (tmp_path / "train.json").is_file()
 
 
-def test_own_context_is_the_models_picture_of_the_window():
-    """--self-context's stand-in for the true frames: the shipped model's one-step pictures of a true
-    window, the named subject in most frames, yet not a copy of the truth."""
+def _shipped_window(text: str, seed: int):
+    """(train module, the shipped model in float32, a 9-frame story of ``text``, its latents, its prompt
+    per chunk at the training layout, noise of ``seed``, the model's RoPE table) for own_context."""
     from gf_core.rope import RopeTable
-    from gf_core.sampler import Schedule
 
     train = _train_module()
     model = tw.load_model(dtype=torch.float32)
-    cfg = gf.WanConfig.from_module(model)
-    story = tw.play([("a big red circle moves right on the grass", 9)])
+    story = tw.play([(text, 9)])
     x0 = tw.story_latents(story)
-    e = tw.load_words().embed(story.sentences[0].text)
+    e = tw.load_words().embed(text)
     prompts = torch.zeros(1, 3, train.MAX_WORDS, e.shape[-1])
     prompts[0, :, : e.shape[1]] = e[0]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return train, model, story, x0, prompts, eps, RopeTable(gf.WanConfig.from_module(model).head_dim)
+
+
+def test_own_context_is_the_models_picture_of_the_window():
+    """--self-context's stand-in for the true frames: the shipped model's one-step pictures of a true
+    window, the named subject in most frames, yet not a copy of the truth."""
+    from gf_core.sampler import Schedule
+
+    train, model, story, x0, prompts, eps, rope = _shipped_window("a big red circle moves right on the grass", 0)
     schedule = Schedule.few_step()
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     own = train.own_context(model, x0, eps, float(schedule.sigmas[-1]), schedule.timesteps[-1], prompts,
-                            [[], [0, 1, 2], [0, 1, 2, 3, 4, 5]], RopeTable(cfg.head_dim))
+                            [[], [0, 1, 2], [0, 1, 2, 3, 4, 5]], rope)
     assert own.shape == x0.shape and not own.requires_grad
     assert tw.identity_accuracy(story, own, 9) >= 0.7
     assert (own - x0).abs().mean() > 1e-3
@@ -298,21 +305,12 @@ def test_own_context_passes_reach_the_chunk_by_chunk_rollout():
     """--self-context-passes: pass k sees pass k-1's pictures, so chunk c's picture carries c chunks
     made one on another. After as many passes as chunks nothing changes any more, and that fixed
     point is the rollout made one chunk at a time, each from the pictures before it."""
-    from gf_core.rope import RopeTable
     from gf_core.sampler import Schedule
 
-    train = _train_module()
-    model = tw.load_model(dtype=torch.float32)
-    cfg = gf.WanConfig.from_module(model)
-    story = tw.play([("a big red circle bounces on the grass", 9)])
-    x0 = tw.story_latents(story)
-    e = tw.load_words().embed(story.sentences[0].text)
-    prompts = torch.zeros(1, 3, train.MAX_WORDS, e.shape[-1])
-    prompts[0, :, : e.shape[1]] = e[0]
+    train, model, _, x0, prompts, eps, rope = _shipped_window("a big red circle bounces on the grass", 1)
     schedule = Schedule.few_step()
     sigma, timestep = float(schedule.sigmas[-1]), schedule.timesteps[-1]
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    context, rope = [[], [0, 1, 2], [0, 4, 5]], RopeTable(cfg.head_dim)
+    context = [[], [0, 1, 2], [0, 4, 5]]
     made = {n: train.own_context(model, x0, eps, sigma, timestep, prompts, context, rope, passes=n) for n in (1, 2, 3, 4)}
     assert (made[1][:, :, :3] - made[2][:, :, :3]).abs().max() < 1e-6  # the first chunk sees nothing
     assert (made[1][:, :, 3:] - made[2][:, :, 3:]).abs().mean() > 1e-4
