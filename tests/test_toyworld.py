@@ -422,6 +422,23 @@ def test_demo_plays_the_script(tmp_path, capsys):
     assert "use width 256 and height 256" in capsys.readouterr().err
 
 
+def test_frames_tool_marks_each_frame_and_writes_its_strip(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("toy_frames", ROOT / "bench" / "toy_frames.py")
+    frames = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frames)
+    out = tmp_path / "frames.json"
+    result = frames.main(["--frames", "6", "--seeds", "1", "--png", str(tmp_path), "--out", str(out)])
+    (seed,) = result["models"]["shipped"]
+    assert len(seed["hits"]) == 6 and seed["hits"][:3] == "###"  # one mark per frame; the shipped first chunk is right
+    assert seed["first_wrong_frame"] == (seed["hits"].index(".") if "." in seed["hits"] else None)
+    assert json.loads(out.read_text()) == result
+    png = (tmp_path / "shipped_cuts_and_return_self_forcing_seed0.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 6 * 32 * 4  # six frames across
+    with pytest.raises(SystemExit):
+        frames.main(["--frames", "8"])
+    assert "--frames 8 is not a positive multiple of 3" in capsys.readouterr().err
+
+
 # -- in ComfyUI (skipped without GF_COMFYUI_PATH) -------------------------------------------------
 
 TOY_NODES = ("GFToyWorldModel", "GFToyWorldPrompt", "GFToyWorldTimeline", "GFToyWorldDecode", "GFToyWorldTextEncoder")
