@@ -31,7 +31,7 @@ and where they go is what the model must get right.
 
     python bench/train_toyworld.py --minutes 7 --out OUT           # on a GPU: trains, then --eval
     python bench/train_toyworld.py --device cpu --steps 2 --size 8 --frames 9 --layers 1 --out OUT
-    python bench/train_toyworld.py --ship OUT --out gf_core/toy     # the shipped files (umT5's text width)
+    python bench/train_toyworld.py --ship OUT --out gf_core/toy     # the shipped files (words at umT5's width)
 
 Writes into --out: toyworld.safetensors (bf16 weights, Wan keys), toyworld_words.safetensors
 (the word table), train.json (settings, loss curve, seconds), and with --eval eval.json and
@@ -394,6 +394,35 @@ def chunk_weights(context: list[list[int]], visible: torch.Tensor, named: torch.
 # Training
 
 
+ZERO_AT_GROWTH = ("self_attn.o.weight", "self_attn.o.bias", "cross_attn.o.weight", "cross_attn.o.bias",
+                  "ffn.2.weight", "ffn.2.bias")
+
+
+def block_count(sd: dict[str, torch.Tensor]) -> int:
+    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+
+
+def grow_blocks(sd: dict[str, torch.Tensor], cfg: WanConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``sd`` with blocks appended up to ``cfg.num_layers``, each new block an identity at first.
+
+    A new block takes its weights from :func:`gf_core.random_state_dict` with its three residual
+    outputs (self-attention, cross-attention, FFN) zero, so the grown model computes exactly what
+    ``sd`` does and the new blocks learn from the first step (their outputs get gradients)."""
+    have = block_count(sd)
+    if have == cfg.num_layers:
+        return sd
+    if have > cfg.num_layers:
+        raise SystemExit(f"--layers {cfg.num_layers} is below the {have} blocks of the model given to --init; "
+                         f"give --layers {have}, or more to grow it")
+    fresh = gf.random_state_dict(cfg, seed=seed)
+    out = dict(sd)
+    for block in range(have, cfg.num_layers):
+        for key, value in fresh.items():
+            if key.startswith(f"blocks.{block}."):
+                out[key] = value.zero_() if key.endswith(ZERO_AT_GROWTH) else value
+    return out
+
+
 def train(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -406,6 +435,7 @@ def train(args: argparse.Namespace) -> dict:
 
         sd = tw.narrow_text({k: v.float() for k, v in load_wan_state_dict(os.path.join(args.init, tw.MODEL_FILE)).items()},
                             cfg.text_dim)
+        sd = grow_blocks(sd, cfg, args.seed)  # --layers above the model's blocks: the new blocks start as identities
     else:
         sd = gf.random_state_dict(cfg, seed=args.seed)
         sd["head.head.weight"].zero_()
@@ -603,8 +633,9 @@ def write_png(rgb: torch.Tensor, path: str) -> None:
 
 
 def ship(source: str, folder: str) -> str:
-    """Write the trained model and word table of ``source`` into ``folder`` at umT5's text width
-    (gf_core.toyworld.widen_text), the files the pack ships in gf_core/toy/."""
+    """Write the trained model and word table of ``source`` into ``folder``, the files the pack ships
+    in gf_core/toy/: the model at the word width it trained at, the word table at umT5's
+    (gf_core.toyworld.widen_text), which the loader widens the model to (gf_core.toyworld.load_state_dict)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -613,9 +644,10 @@ def ship(source: str, folder: str) -> str:
     sd = load_wan_state_dict(os.path.join(source, tw.MODEL_FILE))
     with safe_open(os.path.join(source, tw.MODEL_FILE), framework="pt") as f:
         metadata = dict(f.metadata() or {})
-    sd, words = tw.widen_text(sd, tw.load_words(source))
+    _, words = tw.widen_text(sd, tw.load_words(source))
     os.makedirs(folder, exist_ok=True)
-    metadata["text_width"] = f"word vectors widened to {words.table.shape[1]} (gf_core.toyworld.widen_text)"
+    metadata["text_width"] = (f"word vectors {sd['text_embedding.0.weight'].shape[1]} wide, widened exactly to "
+                              f"{words.table.shape[1]} on loading (gf_core.toyworld.widen_weights)")
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, tw.MODEL_FILE), metadata=metadata)
     words.save(os.path.join(folder, tw.WORDS_FILE))
     return (f"wrote {folder}/{tw.MODEL_FILE} ({os.path.getsize(os.path.join(folder, tw.MODEL_FILE)) / 1e6:.1f} MB) "
@@ -634,7 +666,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4,
+                    help="blocks; with --init, more than the model has appends blocks that start as identities")
     ap.add_argument("--ffn", type=int, default=1024)
     ap.add_argument("--frames", type=int, default=21, help="latent frames per training window (multiple of 3)")
     ap.add_argument("--size", type=int, default=tw.WORLD, help="latent pixels across (the world is 32)")
@@ -668,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                     help="sample clips under every policy afterwards and report identity accuracy")
     ap.add_argument("--ship", metavar="TRAINED", help="instead of training: write the model trained into the folder "
-                    "TRAINED into --out at umT5's text width (what gf_core/toy/ holds)")
+                    "TRAINED into --out, its word table at umT5's text width (what gf_core/toy/ holds)")
     args = ap.parse_args(argv)
     if args.ship:
         print(ship(args.ship, args.out))

@@ -187,14 +187,23 @@ def widen_text(sd: dict[str, torch.Tensor], words: Words, text_dim: int = SHIPPE
     (T Q^T)(W Q^T)^T = T W^T is unchanged and zero rows stay zero. The toy model is trained with
     narrow word vectors and shipped at umT5's width, the shape ComfyUI builds a Wan model with.
     """
-    weight = sd["text_embedding.0.weight"]
-    d = weight.shape[1]
+    d = sd["text_embedding.0.weight"].shape[1]
     if d == text_dim:
         return sd, words
     q = text_basis(text_dim, d, seed)
+    return widen_weights(sd, text_dim, seed), Words((words.table.double() @ q.T).float(), words.vocabulary)
+
+
+def widen_weights(sd: dict[str, torch.Tensor], text_dim: int = SHIPPED_TEXT_DIM,
+                  seed: int = WORD_SEED) -> dict[str, torch.Tensor]:
+    """The model half of :func:`widen_text`: the text embedding's first weight W [dim, d] as W Q^T
+    [dim, ``text_dim``], in W's dtype (unchanged when it is that wide already)."""
+    weight = sd["text_embedding.0.weight"]
+    if weight.shape[1] == text_dim:
+        return sd
     out = dict(sd)
-    out["text_embedding.0.weight"] = (weight.double() @ q.T).to(weight.dtype)
-    return out, Words((words.table.double() @ q.T).float(), words.vocabulary)
+    out["text_embedding.0.weight"] = (weight.double() @ text_basis(text_dim, weight.shape[1], seed).T).to(weight.dtype)
+    return out
 
 
 def narrow_text(sd: dict[str, torch.Tensor], text_dim: int = TEXT_DIM, seed: int = WORD_SEED) -> dict[str, torch.Tensor]:
@@ -546,14 +555,21 @@ def load_words(folder: str | os.PathLike | None = None) -> Words:
 
 def load_model(folder: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu"):
-    """The shipped toy model as a :class:`gf_core.wan.WanModel` (through :mod:`gf_core.checkpoints`)."""
-    from .checkpoints import load_wan_state_dict
+    """The shipped toy model (or the one in ``folder``) as a :class:`gf_core.wan.WanModel`."""
     from .wan import WanModel
+
+    return WanModel.from_state_dict(load_state_dict(folder), dtype=dtype, device=device)
+
+
+def load_state_dict(folder: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """The toy model's weights (through :mod:`gf_core.checkpoints`) at the width of the word table
+    beside it: a file stored with narrower word vectors is widened exactly (:func:`widen_weights`)."""
+    from .checkpoints import load_wan_state_dict
 
     path = Path(folder or TOY_DIR) / MODEL_FILE
     if not path.is_file():
         raise BadInput(f"the toy world model {path.name} is missing from {path.parent}; reinstall the pack")
-    return WanModel.from_state_dict(load_wan_state_dict(path), dtype=dtype, device=device)
+    return widen_weights(load_wan_state_dict(path), load_words(folder).table.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------

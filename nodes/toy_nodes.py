@@ -7,7 +7,6 @@ import comfy.sd
 from comfy_api.latest import io
 
 from ..gf_core import toyworld as tw
-from ..gf_core.checkpoints import load_wan_state_dict
 from . import prompts
 from .sockets import CATEGORY, Segments
 
@@ -38,7 +37,7 @@ class GFToyWorldModel(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
-        sd = load_wan_state_dict(tw.TOY_DIR / tw.MODEL_FILE)
+        sd = tw.load_state_dict()
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={})
         if model is None:
             raise RuntimeError("ComfyUI did not recognise the toy world model as a Wan2.1 model; update ComfyUI")

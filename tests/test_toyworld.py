@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,32 @@ def test_training_forward_equals_cached_chunk_forward(context, kernel):
         assert (v_all[:, :, 6:9] - v_chunk).abs().max() > 1e-3
 
 
+def test_grown_model_samples_what_it_grew_from_and_its_new_block_learns():
+    from gf_core.checkpoints import load_wan_state_dict
+
+    train = _train_module()
+    sd = {k: v.float() for k, v in load_wan_state_dict(tw.TOY_DIR / tw.MODEL_FILE).items()}
+    cfg = gf.WanConfig.from_state_dict(sd)
+    grown = train.grow_blocks(sd, replace(cfg, num_layers=cfg.num_layers + 1))
+    assert train.block_count(grown) == cfg.num_layers + 1
+    assert grown[f"blocks.{cfg.num_layers}.self_attn.q.weight"].abs().sum() > 0  # random, not zero
+    story = tw.play([("a big red circle bounces on the grass", 6)])
+    before = gf.generate(gf.WanModel.from_state_dict(sd), story.segments(), "grounded", height=256, width=256, seed=0)
+    model = gf.WanModel.from_state_dict(grown)
+    after = gf.generate(model, story.segments(), "grounded", height=256, width=256, seed=0)
+    assert torch.equal(before.latents, after.latents)  # the new block starts as an identity
+    model.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    clean, noisy = torch.randn(2, 1, 16, 6, 8, 8, generator=g)
+    prompts = tw.embed("a big red circle bounces on the grass").unsqueeze(1).expand(1, 2, -1, -1)
+    v = train.train_forward(model, clean, noisy, torch.tensor([[1000.0, 625.0]]), prompts, [[], [0, 1, 2]],
+                            RopeTable(cfg.head_dim))
+    v.square().mean().backward()
+    assert model.blocks[-1].ffn[2].weight.grad.abs().sum() > 0  # its zero outputs get gradients
+    with pytest.raises(SystemExit, match="give --layers 4, or more to grow it"):
+        train.grow_blocks(sd, replace(cfg, num_layers=3))
+
+
 def test_chunk_weights_need_what_the_chunk_shows_to_be_known():
     train = _train_module()
     visible = torch.zeros(1, 9, 2)
@@ -269,6 +296,28 @@ def test_first_chunk_training_runs(tmp_path):
                          "--layers", "1", "--ffn", "256", "--stories", "4", "--story-starts", "1", "--out", str(tmp_path),
                          "--no-eval", "--log-every", "1"])
     assert result is None and (tmp_path / "train.json").is_file()
+    # --ship: the model keeps the word width it trained at, the word table gets umT5's, the loader widens
+    from safetensors import safe_open
+
+    from gf_core.checkpoints import load_wan_state_dict
+
+    shipped = tmp_path / "shipped"
+    train.main(["--ship", str(tmp_path), "--out", str(shipped)])
+    with safe_open(str(shipped / tw.MODEL_FILE), framework="pt") as f:
+        assert f.get_slice("text_embedding.0.weight").get_shape()[1] == tw.TEXT_DIM
+    assert tw.load_words(shipped).table.shape[1] == tw.SHIPPED_TEXT_DIM
+    loaded = tw.load_state_dict(shipped)
+    assert loaded["text_embedding.0.weight"].shape[1] == tw.SHIPPED_TEXT_DIM
+    trained = tw.load_model(tmp_path)  # the trained folder: narrow model, narrow words
+    text = "a big red circle bounces on the grass"
+    a = tw.load_model(shipped).text_embedding(tw.load_words(shipped).embed(text))
+    b = trained.text_embedding(tw.load_words(tmp_path).embed(text))
+    assert (a - b).abs().max() < 1e-2 * a.abs().max()  # the same model; bf16 rounding of the widened weight
+    assert torch.equal(loaded["blocks.0.ffn.0.weight"], load_wan_state_dict(tmp_path / tw.MODEL_FILE)["blocks.0.ffn.0.weight"])
+
+
+def test_shipped_weights_fit_in_12_mb():
+    assert (tw.TOY_DIR / tw.MODEL_FILE).stat().st_size <= 12_000_000
 
 
 def _shipped_window(text: str, seed: int):
