@@ -488,6 +488,24 @@ def test_frames_tool_marks_each_frame_and_writes_its_strip(tmp_path, capsys):
     assert "--frames 8 is not a positive multiple of 3" in capsys.readouterr().err
 
 
+def test_openings_bench_covers_every_subject(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("toy_openings", ROOT / "bench" / "toy_openings.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    texts = bench.openings()
+    subjects = {tw.parse(t).subject for t in texts}
+    assert len(texts) == len(subjects) == len(tw.SHAPES) * len(tw.COLOURS) * len(tw.SIZES)
+    out = tmp_path / "openings.json"
+    result = bench.main(["--rows", "self_forcing", "--seeds", "1", "--frames", "3", "--jobs", "1", "--out", str(out)])
+    row = result["rows"]["self_forcing"]
+    assert set(row["per_opening"]) == set(texts) and row["seeds"] == 1
+    assert row["mean"] >= 0.8  # the shipped model draws most subjects from their prompt in the first chunk
+    assert json.loads(out.read_text()) == result
+    with pytest.raises(SystemExit):
+        bench.main(["--rows", "sink_only"])
+    assert "--rows names sink_only, which the quality bench does not have" in capsys.readouterr().err
+
+
 # -- in ComfyUI (skipped without GF_COMFYUI_PATH) -------------------------------------------------
 
 TOY_NODES = ("GFToyWorldModel", "GFToyWorldPrompt", "GFToyWorldTimeline", "GFToyWorldDecode", "GFToyWorldTextEncoder")
