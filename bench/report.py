@@ -21,6 +21,17 @@ def write_json(result: dict, path: str | None) -> None:
             json.dump(result, fh, indent=1)
 
 
+def model_label(folder: str | None) -> str:
+    """A toy model's name in a bench's output: "shipped" or its folder's name."""
+    import os
+
+    from gf_core import toyworld as tw
+
+    if folder is None or os.path.samefile(folder, tw.TOY_DIR):
+        return "shipped"
+    return os.path.basename(os.path.normpath(folder))
+
+
 def random_wan_vae(comfyui: str, device: str, dtype: torch.dtype):
     """ComfyUI's Wan2.1 VAE module (``comfy.ldm.wan.vae.WanVAE``) at the shape core builds for
     wan_2.1_vae.safetensors, with random weights."""

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import train_toyworld as train  # noqa: E402
-from report import write_json  # noqa: E402
+from report import model_label, write_json  # noqa: E402
 
 from gf_core import toyworld as tw  # noqa: E402
 from gf_core.rope import RopeTable  # noqa: E402
@@ -70,7 +70,7 @@ def diagnose(folder: str | None, sentences: int, seed: int) -> dict:
                 hits[name][level][0] += sum(shown)
                 hits[name][level][1] += len(shown)
     return {
-        "model": "shipped" if folder is None or os.path.samefile(folder, tw.TOY_DIR) else os.path.basename(os.path.normpath(folder)),
+        "model": model_label(folder),
         "sentences": sentences, "seed": seed, "sigmas": [round(float(s), 4) for s in schedule.sigmas],
         **{name: [round(a / b, 4) if b else None for a, b in levels] for name, levels in hits.items()},
     }

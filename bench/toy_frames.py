@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from quality import ROWS, TIMELINES, truncate  # noqa: E402
-from report import write_json  # noqa: E402
+from report import model_label, write_json  # noqa: E402
 from train_toyworld import write_png  # noqa: E402
 
 import gf_core as gf  # noqa: E402
@@ -40,13 +40,6 @@ def frame_hits(model, words: tw.Words, script: list[tuple[str, int]], policy: gf
     rgb, found = tw.decode_detections(out.latents)
     truth = tw.to_rgb(tw.story_latents(story))[0]
     return tw.identity_hits(story, found, range(frames)), rgb, truth
-
-
-def label(folder: str | None) -> str:
-    """A model's name in the output: "shipped" or its folder's name."""
-    if folder is None or os.path.samefile(folder, tw.TOY_DIR):
-        return "shipped"
-    return os.path.basename(os.path.normpath(folder))
 
 
 def strip(truth: torch.Tensor, sample: torch.Tensor, frames: int, scale: int = 4) -> torch.Tensor:
@@ -75,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     policy = ROWS[args.policy][1]()
     models = {}
     for folder in args.model or [None]:
-        name = label(folder)
+        name = model_label(folder)
         model, words = tw.load_model(folder).eval(), tw.load_words(folder)
         seeds = models[name] = []
         for seed in range(args.seeds):

@@ -98,13 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seeds < 1:
         ap.error(f"--seeds {args.seeds} is below 1; give 1 or more")
     tw.load_model(args.model)  # a missing or broken model says so here, before any row starts
-    jobs = args.jobs or len(rows) if args.device.startswith("cuda") else (args.jobs or os.cpu_count() or 1)
+    jobs = min(args.jobs or (len(rows) if args.device.startswith("cuda") else os.cpu_count() or 1), len(rows))
     began = time.perf_counter()
     work = (rows, [args.model] * len(rows), [args.seeds] * len(rows), [args.frames] * len(rows), [args.device] * len(rows))
-    if min(jobs, len(rows)) == 1:
+    if jobs == 1:
         done = list(map(score_row, *work))
     else:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(rows))) as pool:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
             done = list(pool.map(score_row, *work))
     result = run_header(frames=args.frames, seeds=args.seeds, openings=openings(),
                         seconds=round(time.perf_counter() - began, 1), rows={})

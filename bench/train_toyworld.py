@@ -398,17 +398,13 @@ ZERO_AT_GROWTH = ("self_attn.o.weight", "self_attn.o.bias", "cross_attn.o.weight
                   "ffn.2.weight", "ffn.2.bias")
 
 
-def block_count(sd: dict[str, torch.Tensor]) -> int:
-    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-
-
 def grow_blocks(sd: dict[str, torch.Tensor], cfg: WanConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """``sd`` with blocks appended up to ``cfg.num_layers``, each new block an identity at first.
 
     A new block takes its weights from :func:`gf_core.random_state_dict` with its three residual
     outputs (self-attention, cross-attention, FFN) zero, so the grown model computes exactly what
     ``sd`` does and the new blocks learn from the first step (their outputs get gradients)."""
-    have = block_count(sd)
+    have = WanConfig.from_state_dict(sd).num_layers
     if have == cfg.num_layers:
         return sd
     if have > cfg.num_layers:
@@ -644,7 +640,7 @@ def ship(source: str, folder: str) -> str:
     sd = load_wan_state_dict(os.path.join(source, tw.MODEL_FILE))
     with safe_open(os.path.join(source, tw.MODEL_FILE), framework="pt") as f:
         metadata = dict(f.metadata() or {})
-    _, words = tw.widen_text(sd, tw.load_words(source))
+    words = tw.widen_words(tw.load_words(source), sd["text_embedding.0.weight"].shape[1])
     os.makedirs(folder, exist_ok=True)
     metadata["text_width"] = (f"word vectors {sd['text_embedding.0.weight'].shape[1]} wide, widened exactly to "
                               f"{words.table.shape[1]} on loading (gf_core.toyworld.widen_weights)")

@@ -187,11 +187,15 @@ def widen_text(sd: dict[str, torch.Tensor], words: Words, text_dim: int = SHIPPE
     (T Q^T)(W Q^T)^T = T W^T is unchanged and zero rows stay zero. The toy model is trained with
     narrow word vectors and shipped at umT5's width, the shape ComfyUI builds a Wan model with.
     """
-    d = sd["text_embedding.0.weight"].shape[1]
-    if d == text_dim:
-        return sd, words
-    q = text_basis(text_dim, d, seed)
-    return widen_weights(sd, text_dim, seed), Words((words.table.double() @ q.T).float(), words.vocabulary)
+    return widen_weights(sd, text_dim, seed), widen_words(words, sd["text_embedding.0.weight"].shape[1], text_dim, seed)
+
+
+def widen_words(words: Words, narrow: int, text_dim: int = SHIPPED_TEXT_DIM, seed: int = WORD_SEED) -> Words:
+    """The word half of :func:`widen_text`: the table T [V, ``narrow``] as T Q^T (unchanged when it
+    is ``text_dim`` wide already)."""
+    if words.table.shape[1] == text_dim:
+        return words
+    return Words((words.table.double() @ text_basis(text_dim, narrow, seed).T).float(), words.vocabulary)
 
 
 def widen_weights(sd: dict[str, torch.Tensor], text_dim: int = SHIPPED_TEXT_DIM,
